@@ -1,0 +1,1 @@
+"""Result stores: the contract (:mod:`celeriac.backends.base`) and one module per store."""

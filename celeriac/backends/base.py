@@ -1,0 +1,166 @@
+"""The result-store contract.
+
+A result is stored as a *result document* ("meta"), exactly as Celery writes it (celery-wire.md §6.1):
+``{"status", "result", "traceback", "children", "date_done", "task_id"}`` plus ``group_id`` /
+``parent_id`` when known. :class:`ResultBackend` owns the parts every store shares — encoding the
+document with ``result_serializer``, refusing content types outside ``result_accept_content``,
+expiry, waiting — and a store implements four byte-level primitives:
+
+* :meth:`ResultBackend._write` — store the encoded document, **never replacing a SUCCESS** (Celery's
+  rule: a success is final; a redelivered duplicate must not turn it into something else);
+* :meth:`ResultBackend._read` — the stored bytes and their content type, or None;
+* :meth:`ResultBackend._delete`;
+* :meth:`ResultBackend._wait_for_change` — optional: block until the document may have changed. The
+  default polls with a backoff; stores that can push (Redis pub/sub, RPC replies, the in-process
+  memory store) override it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from celeriac import codecs, states
+from celeriac.exceptions import TimeoutError
+
+
+@dataclass(slots=True, frozen=True)
+class BackendOptions:
+    """What a result store needs from the app's configuration."""
+
+    #: ``result_serializer``.
+    serializer: str = "json"
+    #: ``result_accept_content`` as content types.
+    accept: frozenset[str] = frozenset({"application/json"})
+    #: ``result_expires`` in seconds; None keeps results forever.
+    expires: float | None = 86400.0
+    #: ``result_backend_transport_options``.
+    transport_options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class StoredPayload:
+    """Encoded result document as a store keeps it."""
+
+    data: bytes
+    content_type: str
+    content_encoding: str
+
+
+def pending_meta(task_id: str) -> dict[str, Any]:
+    """The document of a task nobody has written anything about: PENDING."""
+    return {
+        "status": states.PENDING,
+        "result": None,
+        "traceback": None,
+        "children": [],
+        "date_done": None,
+        "task_id": task_id,
+    }
+
+
+class ResultBackend(abc.ABC):
+    """Template for result stores. Used from one event loop per instance, like brokers."""
+
+    #: Whether :meth:`wait` is woken by the store rather than by polling.
+    pushes: bool = False
+
+    def __init__(self, url: str, options: BackendOptions) -> None:
+        self.url = url
+        self.options = options
+
+    # -- primitives a store implements -------------------------------------------------------
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the connection and create the storage the store needs."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connection."""
+
+    @abc.abstractmethod
+    async def _write(
+        self, task_id: str, status: str, payload: StoredPayload, expires_at: float | None
+    ) -> None:
+        """Store ``payload`` for ``task_id`` unless the stored status is already SUCCESS."""
+
+    @abc.abstractmethod
+    async def _read(self, task_id: str) -> StoredPayload | None:
+        """The stored payload of ``task_id`` if present and not expired."""
+
+    @abc.abstractmethod
+    async def _delete(self, task_id: str) -> None:
+        """Remove whatever is stored for ``task_id``."""
+
+    async def _wait_for_change(self, task_id: str, timeout: float) -> None:
+        """Return when the document of ``task_id`` may have changed, or after ``timeout``."""
+        await asyncio.sleep(timeout)
+
+    # -- the shared part -----------------------------------------------------------------------
+
+    def encode_meta(self, meta: dict[str, Any]) -> StoredPayload:
+        """Encode a result document with ``result_serializer``."""
+        encoded = codecs.dumps(meta, self.options.serializer)
+        return StoredPayload(encoded.data, encoded.content_type, encoded.content_encoding)
+
+    def decode_meta(self, payload: StoredPayload) -> dict[str, Any]:
+        """Decode a stored document, refusing content types outside ``result_accept_content``."""
+        meta = codecs.loads(
+            payload.data, payload.content_type, payload.content_encoding, self.options.accept
+        )
+        if not isinstance(meta, dict) or "status" not in meta:
+            from celeriac.exceptions import DecodeError
+
+            raise DecodeError(f"stored result is not a result document: {type(meta).__name__}")
+        return meta
+
+    async def store(self, meta: dict[str, Any]) -> None:
+        """Store a result document (``meta["task_id"]`` names the task)."""
+        expires = self.options.expires
+        expires_at = None if expires is None else time.time() + expires
+        await self._write(meta["task_id"], meta["status"], self.encode_meta(meta), expires_at)
+
+    async def get(self, task_id: str) -> dict[str, Any]:
+        """The current document of ``task_id``; PENDING when nothing is stored."""
+        payload = await self._read(task_id)
+        return pending_meta(task_id) if payload is None else self.decode_meta(payload)
+
+    async def wait(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        states_wanted: Collection[str] = states.READY_STATES,
+    ) -> dict[str, Any]:
+        """Wait until the task reaches one of ``states_wanted``; return its document.
+
+        Polling stores start checking every millisecond and back off geometrically to
+        ``interval``, so a fast task is seen almost at once without hammering the store.
+        Raises :class:`celeriac.exceptions.TimeoutError` after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            meta = await self.get(task_id)
+            if meta["status"] in states_wanted:
+                return meta
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"The operation timed out waiting for task {task_id}.")
+            else:
+                left = interval
+            if self.pushes:
+                await self._wait_for_change(task_id, left)
+            else:
+                await self._wait_for_change(task_id, min(pause, left, interval))
+                pause = min(pause * 2, interval)
+
+    async def forget(self, task_id: str) -> None:
+        """Remove the stored result of ``task_id``."""
+        await self._delete(task_id)

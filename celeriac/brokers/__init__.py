@@ -1,0 +1,1 @@
+"""Brokers: the contract (:mod:`celeriac.brokers.base`) and one module per transport."""

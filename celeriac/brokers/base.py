@@ -1,0 +1,178 @@
+"""The broker contract: the few primitives every transport implements.
+
+Delivery semantics are part of the contract, so no transport can be at-most-once by accident:
+
+* :meth:`Broker.publish` returns only once the broker holds the message durably (a commit, a
+  publisher confirm, a reply to the enqueue command); otherwise it raises :class:`PublishError`.
+* :meth:`Broker.fetch` *leases* messages: a fetched message stays in the broker until it is
+  :meth:`acked <Broker.ack>`; if the lease runs out (its worker died) it is delivered again, with
+  ``redelivered`` set and ``delivery_count`` counted up. :meth:`Broker.renew` extends the leases of
+  messages whose tasks are still running, so a long task is not redelivered while its worker lives.
+* A lease is identified by its ``delivery_tag``, fresh for every delivery: a late ack from a worker
+  whose lease expired does not remove the copy delivered to someone else.
+* Messages published with ``not_before`` (ETA/countdown) wait **in the broker**, never in worker
+  memory; :meth:`Broker.defer` puts a delivered message back to wait until a given time.
+* :meth:`Broker.reject` without requeue moves the message to a dead-letter store with a reason where
+  the transport can keep one.
+
+All methods are coroutines and are used from one event loop per broker instance; the app keeps one
+instance per loop. Driver exceptions never leave a transport: they are translated to
+:class:`celeriac.exceptions.ConnectionError` / :class:`PublishError` at this boundary.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class TransportMessage:
+    """A message as every transport carries it: an opaque body plus AMQP-style metadata.
+
+    ``properties`` uses AMQP/kombu names: ``correlation_id``, ``reply_to``, ``delivery_mode``,
+    ``priority``, ``expiration`` (and whatever else a producer set).
+    """
+
+    body: bytes
+    content_type: str
+    content_encoding: str
+    headers: dict[str, Any] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def priority(self) -> int:
+        """The message priority (0-9, higher runs first on celeriac's own transports)."""
+        value = self.properties.get("priority")
+        return int(value) if isinstance(value, int | float) else 0
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A leased message handed to a consumer. Ack it, reject it, or defer it: exactly once."""
+
+    message: TransportMessage
+    queue: str
+    #: Identifies this delivery's lease; fresh for every delivery of the same message.
+    delivery_tag: str
+    exchange: str = ""
+    routing_key: str = ""
+    redelivered: bool = False
+    #: 1 on the first delivery, counted up on each redelivery (poison-message detection).
+    delivery_count: int = 1
+    #: Transport-private handle (row id, broker tag, …).
+    handle: Any = None
+
+
+@dataclass(slots=True, frozen=True)
+class QueueSpec:
+    """A queue and the binding that routes messages to it."""
+
+    name: str
+    exchange: str = ""
+    routing_key: str = ""
+    exchange_type: str = "direct"
+    durable: bool = True
+    max_priority: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetter:
+    """A message the broker refused to deliver again, with the reason."""
+
+    queue: str
+    message: TransportMessage
+    reason: str
+    dead_lettered_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class BrokerOptions:
+    """What a transport needs from the app's configuration."""
+
+    #: Seconds a fetched message stays leased before it is delivered again (renewed while running).
+    visibility_timeout: float = 30.0
+    #: Seconds between polls of transports that cannot push (SQLite), when idle.
+    polling_interval: float = 0.05
+    #: ``broker_transport_options``: transport-specific extras, validated by each transport.
+    transport_options: dict[str, Any] = field(default_factory=dict)
+
+
+class Broker(abc.ABC):
+    """One connection to one broker. See the module docstring for the semantics."""
+
+    #: Whether :meth:`dead_letters` can list what :meth:`reject` dead-lettered.
+    keeps_dead_letters: bool = False
+
+    def __init__(self, url: str, options: BrokerOptions) -> None:
+        self.url = url
+        self.options = options
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the connection and create whatever storage the transport needs."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connection. Unacked deliveries are left to their lease."""
+
+    @abc.abstractmethod
+    async def declare(self, queue: QueueSpec) -> None:
+        """Create the queue (and its exchange and binding) if it does not exist."""
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        message: TransportMessage,
+        *,
+        exchange: str,
+        routing_key: str,
+        not_before: float | None = None,
+    ) -> None:
+        """Store ``message``; return once the broker holds it durably, else raise PublishError.
+
+        ``exchange == ""`` routes to the queue named ``routing_key`` (AMQP's default exchange).
+        ``not_before`` (UNIX time) keeps the message invisible until then.
+        """
+
+    @abc.abstractmethod
+    async def fetch(
+        self, queues: Sequence[str], max_messages: int, timeout: float
+    ) -> list[Delivery]:
+        """Lease up to ``max_messages`` ready messages from ``queues``.
+
+        Waits up to ``timeout`` seconds for the first one; returns ``[]`` when none arrived.
+        Higher priority first, then oldest first; ``queues`` are served in the order given for
+        equal priority.
+        """
+
+    @abc.abstractmethod
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove delivered messages for good. A delivery whose lease was lost is ignored."""
+
+    @abc.abstractmethod
+    async def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
+        """Give a delivery back: to its queue (``requeue``) or to the dead letters with ``reason``."""
+
+    @abc.abstractmethod
+    async def defer(self, delivery: Delivery, not_before: float) -> None:
+        """Release a delivery to wait in the broker until ``not_before`` (UNIX time)."""
+
+    @abc.abstractmethod
+    async def renew(self, deliveries: Sequence[Delivery]) -> None:
+        """Extend the leases of deliveries whose tasks are still running."""
+
+    @abc.abstractmethod
+    async def purge(self, queue: str) -> int:
+        """Delete every waiting message of ``queue``; return how many were deleted."""
+
+    @abc.abstractmethod
+    async def size(self, queue: str) -> int:
+        """Number of messages in ``queue`` that are not leased (ready or delayed)."""
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The most recent dead letters, newest first, where the transport keeps them."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no dead letters")
+
