@@ -90,7 +90,14 @@ class Retry(TaskError):
         self.message = message
         self.exc = exc
         self.when = when
+        #: Replacement arguments and extra ``apply_async`` options for the retried message.
+        self.args_override: list[Any] | None = None
+        self.kwargs_override: dict[str, Any] | None = None
+        self.options: dict[str, Any] = {}
         super().__init__(message, exc, when)
+
+    def __str__(self) -> str:
+        return self.message or "Retry"
 
 
 class MaxRetriesExceededError(TaskError):
@@ -138,3 +145,7 @@ CELERY_COMPATIBLE: dict[str, type[BaseException]] = {
         InvalidTaskError,
     )
 }
+
+
+class UnknownOptionError(ImproperlyConfigured, TypeError):
+    """A task option or call option that celeriac does not know; raised, never ignored."""

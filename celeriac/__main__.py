@@ -1,0 +1,6 @@
+"""``python -m celeriac``."""
+
+from celeriac.cli.main import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The application layer: app, configuration, tasks, calling, results, signatures."""

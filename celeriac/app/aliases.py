@@ -1,0 +1,67 @@
+"""The one table that maps URL schemes to broker transports and result stores.
+
+A scheme is resolved to ``"module:Class"`` and imported only when used, so an optional dependency
+(redis, aio-pika) is needed only by those who use its scheme. A test imports every entry, so the
+table cannot hold a dangling alias.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+from urllib.parse import urlsplit
+
+from celeriac.exceptions import ImproperlyConfigured
+
+#: Broker URL scheme -> transport class.
+BROKER_ALIASES: dict[str, str] = {
+    "memory": "celeriac.brokers.memory:MemoryBroker",
+    "sqlite": "celeriac.brokers.sqlite:SQLiteBroker",
+}
+
+#: Result store URL scheme -> store class.
+BACKEND_ALIASES: dict[str, str] = {
+    "memory": "celeriac.backends.memory:MemoryBackend",
+    "sqlite": "celeriac.backends.sqlite:SQLiteBackend",
+}
+
+#: Schemes Celery users may try that celeriac does not serve (yet), with what to do instead.
+_NOT_YET = {
+    "redis": "the Redis transport is not available in this version",
+    "rediss": "the Redis transport is not available in this version",
+    "amqp": "the AMQP transport is not available in this version",
+    "amqps": "the AMQP transport is not available in this version",
+    "pyamqp": "the AMQP transport is not available in this version",
+    "rpc": "the rpc:// result backend is not available in this version",
+}
+
+
+def scheme_of(url: str) -> str:
+    """The scheme of ``url`` (``sqlite`` of ``sqlite:///x``), lower-cased."""
+    scheme = urlsplit(url).scheme.lower()
+    if not scheme:
+        raise ImproperlyConfigured(f"{url!r} is not a URL: expected something like 'sqlite:///file'")
+    return scheme
+
+
+def _resolve(url: str, table: dict[str, str], role: str) -> type[Any]:
+    scheme = scheme_of(url)
+    target = table.get(scheme)
+    if target is None:
+        known = ", ".join(f"{s}://" for s in sorted(table))
+        reason = _NOT_YET.get(scheme, "unknown scheme")
+        raise ImproperlyConfigured(f"No {role} for {scheme}:// ({reason}). Known: {known}.")
+    module_name, _, class_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    cls: type[Any] = getattr(module, class_name)
+    return cls
+
+
+def broker_class(url: str) -> type[Any]:
+    """The transport class serving broker ``url``."""
+    return _resolve(url, BROKER_ALIASES, "broker transport")
+
+
+def backend_class(url: str) -> type[Any]:
+    """The result store class serving ``url``."""
+    return _resolve(url, BACKEND_ALIASES, "result backend")

@@ -1,0 +1,313 @@
+"""``Celery`` (also ``App``): configuration, the task registry, and connections per event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import threading
+import weakref
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
+
+from celeriac import codecs
+from celeriac._portal import portal
+from celeriac.app import aliases, calling, shared
+from celeriac.app.config import Settings
+from celeriac.app.registry import TaskRegistry
+from celeriac.app.result import AsyncResult
+from celeriac.app.task import P, R, Task
+from celeriac.backends.base import BackendOptions, ResultBackend
+from celeriac.brokers.base import Broker, BrokerOptions, QueueSpec
+from celeriac.exceptions import ImproperlyConfigured
+from celeriac.protocol import wire
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _LoopConnections:
+    """The broker and result store connections of one event loop."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    broker: Broker | None = None
+    backend: ResultBackend | None = None
+    declared: set[str] = field(default_factory=set)
+
+
+class Celery:
+    """A celeriac application: ``Celery(main, broker=..., backend=..., **settings)``.
+
+    With no broker or backend configured (and no ``CELERIAC_BROKER_URL`` /
+    ``CELERIAC_RESULT_BACKEND``), tasks go through SQLite files in the working directory, so a
+    new project needs no server.
+    """
+
+    def __init__(
+        self,
+        main: str | None = None,
+        broker: str | None = None,
+        backend: str | None = None,
+        *,
+        include: Sequence[str] | None = None,
+        config_source: Any = None,
+        set_as_current: bool = True,
+        **settings: Any,
+    ) -> None:
+        self.main = main
+        self.conf = Settings()
+        if config_source is not None:
+            self.conf.from_object(config_source)
+        preset: dict[str, Any] = dict(settings)
+        if broker is not None:
+            preset["broker_url"] = broker
+        if backend is not None:
+            preset["result_backend"] = backend
+        if include is not None:
+            preset["include"] = list(include)
+        self.conf.update(preset)
+        self.tasks = TaskRegistry()
+        self._connections: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, _LoopConnections
+        ] = weakref.WeakKeyDictionary()
+        self._connections_lock = threading.Lock()
+        self._pid = os.getpid()
+        if set_as_current:
+            shared.set_current(self)
+        shared.on_app_created(self)
+
+    def __repr__(self) -> str:
+        return f"<Celery {self.main or '__main__'} at {id(self):#x}>"
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def config_from_object(self, obj: Any, silent: bool = False) -> None:
+        """Load settings from a module, object or dotted path (``"proj.celeryconfig"``)."""
+        try:
+            self.conf.from_object(obj)
+        except ImproperlyConfigured:
+            if not silent:
+                raise
+
+    def config_from_envvar(self, variable_name: str, silent: bool = False) -> None:
+        """Load settings from the module named by environment variable ``variable_name``."""
+        module_name = os.environ.get(variable_name)
+        if not module_name:
+            if silent:
+                return
+            raise ImproperlyConfigured(
+                f"environment variable {variable_name!r} is not set: it should name a module "
+                "with celeriac settings"
+            )
+        self.config_from_object(module_name, silent=silent)
+
+    def import_default_modules(self) -> None:
+        """Import the modules named by ``imports`` and ``include`` (the worker does this)."""
+        for name in [*self.conf.imports, *self.conf.include]:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ImproperlyConfigured(f"cannot import {name!r} (from imports/include): {exc}") from exc
+
+    # -- tasks -----------------------------------------------------------------------------------
+
+    def gen_task_name(self, name: str, module: str) -> str:
+        """``module.name``; a task defined in ``__main__`` takes the app's ``main`` as module."""
+        if module == "__main__" and self.main:
+            module = self.main
+        return f"{module}.{name}"
+
+    def _register_function(self, fun: Callable[..., Any], options: Mapping[str, Any]) -> Task[Any, Any]:
+        task = Task._build(self, fun, options)
+        self.tasks.register(task)
+        return task
+
+    @overload
+    def task(self, fun: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, /, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, *args: Any, **options: Any) -> Any:
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True, ...)``."""
+
+        def decorate(fun: Callable[P, R]) -> Task[P, R]:
+            if not callable(fun):
+                raise ImproperlyConfigured(f"@task decorates functions, not {fun!r}")
+            return self._register_function(fun, options)
+
+        if len(args) == 1 and callable(args[0]) and not options:
+            return decorate(args[0])
+        if args:
+            raise TypeError("app.task() takes options as keyword arguments only")
+        return decorate
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def _loop_connections(self) -> _LoopConnections:
+        if os.getpid() != self._pid:  # forked: the parent's connections are not ours
+            self._pid = os.getpid()
+            self._connections = weakref.WeakKeyDictionary()
+        loop = asyncio.get_running_loop()
+        with self._connections_lock:
+            conns = self._connections.get(loop)
+            if conns is None:
+                conns = self._connections[loop] = _LoopConnections()
+        return conns
+
+    def broker_options(self) -> BrokerOptions:
+        """The broker settings as the transports take them."""
+        extras = dict(self.conf.broker_transport_options)
+        visibility = extras.pop("visibility_timeout", 30.0)
+        polling = extras.pop("polling_interval", 0.05)
+        return BrokerOptions(
+            visibility_timeout=float(visibility),
+            polling_interval=float(polling),
+            transport_options=extras,
+        )
+
+    def backend_options(self) -> BackendOptions:
+        """The result settings as the stores take them."""
+        return BackendOptions(
+            serializer=self.conf.result_serializer,
+            accept=codecs.resolve_accept(self.conf.resolved_result_accept()),
+            expires=self.conf.result_expires,
+            transport_options=tuple(sorted(self.conf.result_backend_transport_options.items())),
+        )
+
+    def create_broker(self) -> Broker:
+        """A new, unconnected broker for the configured URL."""
+        url = self.conf.resolved_broker_url()
+        broker: Broker = aliases.broker_class(url)(url, self.broker_options())
+        return broker
+
+    def create_result_store(self) -> ResultBackend:
+        """A new, unconnected result store for the configured URL."""
+        url = self.conf.resolved_result_backend()
+        backend: ResultBackend = aliases.backend_class(url)(url, self.backend_options())
+        return backend
+
+    async def abroker(self) -> Broker:
+        """The connected broker of the running event loop."""
+        conns = self._loop_connections()
+        if conns.broker is None:
+            async with conns.lock:
+                if conns.broker is None:
+                    broker = self.create_broker()
+                    await broker.connect()
+                    conns.broker = broker
+        return conns.broker
+
+    async def aresult_store(self) -> ResultBackend:
+        """The connected result store of the running event loop."""
+        conns = self._loop_connections()
+        if conns.backend is None:
+            async with conns.lock:
+                if conns.backend is None:
+                    backend = self.create_result_store()
+                    await backend.connect()
+                    conns.backend = backend
+        return conns.backend
+
+    def use_connections(self, broker: Broker | None, backend: ResultBackend | None) -> None:
+        """Let the running loop share already connected instances (the worker's own)."""
+        conns = self._loop_connections()
+        conns.broker = broker or conns.broker
+        conns.backend = backend or conns.backend
+
+    @property
+    def backend(self) -> ResultBackend:
+        """The result store used by synchronous calls."""
+        return self.run_sync(self.aresult_store())
+
+    def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine of this app for a synchronous caller."""
+        return portal.call(coro)
+
+    async def aclose(self) -> None:
+        """Close the connections of the running event loop."""
+        conns = self._loop_connections()
+        broker, backend = conns.broker, conns.backend
+        conns.broker = conns.backend = None
+        conns.declared.clear()
+        if broker is not None:
+            await broker.close()
+        if backend is not None:
+            await backend.close()
+
+    def close(self) -> None:
+        """Close the connections used by synchronous calls."""
+        self.run_sync(self.aclose())
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    async def _publish(self, outgoing: calling.Outgoing) -> None:
+        broker = await self.abroker()
+        conns = self._loop_connections()
+        route = outgoing.route
+        if route.exchange and route.queue not in conns.declared:
+            await broker.declare(
+                QueueSpec(name=route.queue, exchange=route.exchange, routing_key=route.routing_key)
+            )
+            conns.declared.add(route.queue)
+        transport_message = wire.encode(
+            outgoing.message, serializer=outgoing.serializer, compression=outgoing.compression
+        )
+        await broker.publish(
+            transport_message,
+            exchange=route.exchange,
+            routing_key=route.routing_key,
+            not_before=outgoing.not_before,
+        )
+
+    def _prepare(
+        self,
+        name: str,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        options: dict[str, Any],
+    ) -> calling.Outgoing:
+        task = options.pop("_task", None)
+        if task is None:
+            task = self.tasks.get(name)
+        return calling.build(self.conf, name, args, kwargs, options, task)
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Send task ``name`` (it need not be registered here) and return its result handle."""
+        outgoing = self._prepare(name, args, kwargs, options)
+        self.run_sync(self._publish(outgoing))
+        return AsyncResult(outgoing.message.id, app=self)
+
+    async def asend_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """``send_task`` for asyncio callers."""
+        outgoing = self._prepare(name, args, kwargs, options)
+        await self._publish(outgoing)
+        return AsyncResult(outgoing.message.id, app=self)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+        """The result handle of task ``task_id``."""
+        return AsyncResult(task_id, app=self)
+
+    async def apurge(self, queues: Sequence[str] | None = None) -> int:
+        """Delete every waiting message of ``queues`` (default queue if none)."""
+        broker = await self.abroker()
+        total = 0
+        for queue in queues or [self.conf.task_default_queue]:
+            total += await broker.purge(queue)
+        return total
+
+
+App = Celery

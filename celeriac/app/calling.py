@@ -1,0 +1,219 @@
+"""Turning a task call into a :class:`TaskMessage` and its destination.
+
+``apply_async`` options are checked against one table (:data:`CALL_OPTIONS`): an option celeriac
+does not know is an error at the call, never silently dropped. Times are normalized here, once:
+``countdown`` and ``eta`` become one tz-aware UTC ``eta``; ``expires`` in seconds becomes a time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from celeriac.app import routing
+from celeriac.app.canvas import as_signature_list
+from celeriac.app.context import current_request
+from celeriac.exceptions import ImproperlyConfigured, UnknownOptionError
+from celeriac.protocol.message import TaskMessage
+
+if TYPE_CHECKING:
+    from celeriac.app.config import Settings
+    from celeriac.app.task import Task
+
+#: Every option ``apply_async`` / ``send_task`` accepts, with what it means.
+CALL_OPTIONS: dict[str, str] = {
+    "countdown": "seconds from now before the task may run",
+    "eta": "datetime before which the task may not run",
+    "expires": "seconds from now, or a datetime, after which the task is revoked unrun",
+    "queue": "queue to send to",
+    "routing_key": "routing key",
+    "exchange": "exchange",
+    "priority": "0-9, higher runs first",
+    "serializer": "serializer of the arguments",
+    "compression": "compression of the body",
+    "task_id": "the id to give the task",
+    "headers": "extra message headers",
+    "ignore_result": "store no result",
+    "link": "signature(s) to run with the result on success",
+    "link_error": "signature(s) to run with the task id on failure",
+    "shadow": "another name to show in logs",
+    "retries": "retry count carried by the message",
+    "parent_id": "id of the task that sent this one",
+    "root_id": "id of the first task of the workflow",
+    "group_id": "id of the group this task belongs to",
+    "group_index": "position in its group",
+    "reply_to": "reply queue name carried in the message",
+}
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message ready to encode and publish."""
+
+    message: TaskMessage
+    route: routing.Route
+    serializer: str
+    compression: str | None
+    #: UNIX time before which the broker keeps the message invisible.
+    not_before: float | None
+
+
+_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+
+
+def _origin() -> str:
+    return _ORIGIN
+
+
+def check_options(options: Mapping[str, Any], task_name: str) -> None:
+    """Raise for any option celeriac does not know."""
+    for name in options:
+        if name not in CALL_OPTIONS:
+            close = difflib.get_close_matches(name, list(CALL_OPTIONS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownOptionError(
+                f"apply_async() of {task_name!r} got an unknown option {name!r}.{hint}"
+            )
+
+
+def to_utc(value: datetime, conf: Settings, what: str) -> datetime:
+    """A tz-aware UTC datetime; naive values are UTC (enable_utc) or in ``conf.timezone``."""
+    if value.tzinfo is None:
+        if conf.enable_utc or not conf.timezone:
+            return value.replace(tzinfo=UTC)
+        try:
+            zone = ZoneInfo(conf.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ImproperlyConfigured(f"timezone {conf.timezone!r} is not known") from exc
+        return value.replace(tzinfo=zone).astimezone(UTC)
+    del what
+    return value.astimezone(UTC)
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ImproperlyConfigured(f"{name} must be a number of seconds, not {value!r}")
+    return float(value)
+
+
+def build(
+    conf: Settings,
+    name: str,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+    task: Task[Any, Any] | None = None,
+) -> Outgoing:
+    """The message and destination for calling task ``name`` with these arguments and options."""
+    check_options(options, name)
+    if args is not None and (isinstance(args, str | bytes) or not isinstance(args, Sequence)):
+        raise ImproperlyConfigured(f"args of {name!r} must be a list or tuple, not {args!r}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ImproperlyConfigured(f"kwargs of {name!r} must be a mapping, not {kwargs!r}")
+    now = datetime.now(UTC)
+
+    eta: datetime | None = None
+    if options.get("countdown") is not None:
+        if options.get("eta") is not None:
+            raise ImproperlyConfigured("give countdown or eta, not both")
+        countdown = _number(options["countdown"], "countdown")
+        if countdown < 0:
+            raise ImproperlyConfigured(f"countdown must not be negative, got {countdown}")
+        eta = now + timedelta(seconds=countdown)
+    elif options.get("eta") is not None:
+        if not isinstance(options["eta"], datetime):
+            raise ImproperlyConfigured(f"eta must be a datetime, not {options['eta']!r}")
+        eta = to_utc(options["eta"], conf, "eta")
+
+    expires: datetime | None = None
+    raw_expires = options.get("expires")
+    if raw_expires is not None:
+        if isinstance(raw_expires, datetime):
+            expires = to_utc(raw_expires, conf, "expires")
+        else:
+            expires = now + timedelta(seconds=_number(raw_expires, "expires"))
+        if eta is not None and expires <= eta:
+            raise ImproperlyConfigured("expires is not after eta: the task could never run")
+
+    priority = options.get("priority")
+    if priority is None and task is not None:
+        priority = task.priority
+    if priority is None:
+        priority = conf.task_default_priority
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9
+    ):
+        raise ImproperlyConfigured(f"priority must be an integer from 0 to 9, not {priority!r}")
+
+    headers = options.get("headers") or {}
+    if not isinstance(headers, Mapping):
+        raise ImproperlyConfigured(f"headers must be a mapping, not {headers!r}")
+
+    route_options = routing.lookup_route(
+        conf.task_routes, name, list(args or ()), dict(kwargs or {}), options
+    )
+    queue = options.get("queue") or route_options.get("queue") or (task.queue if task else None)
+    exchange = (
+        options.get("exchange") or route_options.get("exchange") or (task.exchange if task else None)
+    )
+    routing_key = (
+        options.get("routing_key")
+        or route_options.get("routing_key")
+        or (task.routing_key if task else None)
+    )
+    route = routing.resolve(
+        queue=queue,
+        exchange=exchange,
+        routing_key=routing_key,
+        default_queue=conf.task_default_queue,
+    )
+
+    ignore_result = options.get("ignore_result")
+    if ignore_result is None and task is not None:
+        ignore_result = task.resolved_ignore_result()
+
+    parent = current_request.get()
+    task_id = options.get("task_id") or str(uuid.uuid4())
+    parent_id = options.get("parent_id") or (parent.id if parent else None)
+    root_id = options.get("root_id") or (parent.root_id if parent else None) or task_id
+
+    message = TaskMessage(
+        id=task_id,
+        task=name,
+        args=list(args or ()),
+        kwargs=dict(kwargs or {}),
+        eta=eta,
+        expires=expires,
+        retries=int(options.get("retries") or 0),
+        root_id=root_id,
+        parent_id=parent_id,
+        group=options.get("group_id"),
+        group_index=options.get("group_index"),
+        shadow=options.get("shadow"),
+        origin=_origin(),
+        ignore_result=bool(ignore_result) if ignore_result is not None else False,
+        callbacks=as_signature_list(options.get("link"), "link"),
+        errbacks=as_signature_list(options.get("link_error"), "link_error"),
+        reply_to=options.get("reply_to"),
+        correlation_id=task_id,
+        priority=priority,
+        extra_headers=dict(headers),
+    )
+    serializer = options.get("serializer") or (task.serializer if task else None) or conf.task_serializer
+    compression = (
+        options.get("compression") or (task.compression if task else None) or conf.task_compression
+    )
+    return Outgoing(
+        message=message,
+        route=route,
+        serializer=serializer,
+        compression=compression,
+        not_before=eta.timestamp() if eta is not None and eta > now else None,
+    )

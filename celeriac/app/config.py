@@ -1,0 +1,333 @@
+"""Typed configuration with Celery's lower-case setting names.
+
+Every setting is a field of :class:`Settings`, with its default and a one-line description in the
+field metadata (the README's configuration table is generated from the same place, and a test checks
+that every setting is documented). ``app.conf`` is a :class:`Settings`; it accepts attribute and item
+access like Celery's ``app.conf``. A name that is not a setting raises
+:class:`~celeriac.exceptions.ImproperlyConfigured` naming the closest known setting, so a typo never
+silently does nothing.
+
+Where Celery's default is unsafe ours is safe, and the description says so:
+
+* ``task_acks_late`` is **on**: a task is acknowledged after it ran, so a worker that dies mid-task
+  does not lose it (Celery acks before running by default).
+* ``accept_content`` is ``["json"]`` (as in Celery 4+): pickle, yaml and msgpack need an explicit
+  opt-in.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from datetime import timedelta
+from typing import Any
+
+from celeriac.exceptions import ImproperlyConfigured
+
+BROKER_URL_ENV = "CELERIAC_BROKER_URL"
+RESULT_BACKEND_ENV = "CELERIAC_RESULT_BACKEND"
+
+#: Where the embedded default keeps its data, relative to the working directory.
+DEFAULT_BROKER_URL = "sqlite:///celeriac-broker.sqlite3"
+DEFAULT_RESULT_BACKEND = "sqlite:///celeriac-results.sqlite3"
+
+
+def _doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _seconds(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ImproperlyConfigured(f"{name} must be a number of seconds or a timedelta, not {value!r}")
+    if value < 0:
+        raise ImproperlyConfigured(f"{name} must not be negative, got {value!r}")
+    return float(value)
+
+
+def _str_list(value: Any, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, Iterable) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise ImproperlyConfigured(f"{name} must be a list of strings, not {value!r}")
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise ImproperlyConfigured(f"{name} must be a string, not {value!r}")
+
+
+def _str(value: Any, name: str) -> str:
+    if isinstance(value, str) and value:
+        return value
+    raise ImproperlyConfigured(f"{name} must be a non-empty string, not {value!r}")
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ImproperlyConfigured(f"{name} must be True or False, not {value!r}")
+
+
+def _optional_int(value: Any, name: str, minimum: int = 0) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ImproperlyConfigured(f"{name} must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ImproperlyConfigured(f"{name} must be a mapping, not {value!r}")
+
+
+def _routes(value: Any, name: str) -> Any:
+    if value is None or isinstance(value, Mapping | list | tuple) or callable(value):
+        return value
+    raise ImproperlyConfigured(f"{name} must be a dict, a callable or a list of them, not {value!r}")
+
+
+@dataclass(slots=True)
+class _SettingsFields:
+    broker_url: str | None = _doc(
+        f"Broker URL. Unset: ${BROKER_URL_ENV}, else the embedded SQLite broker "
+        f"({DEFAULT_BROKER_URL}). Schemes: sqlite, memory.",
+        None,
+    )
+    result_backend: str | None = _doc(
+        f"Result store URL. Unset: ${RESULT_BACKEND_ENV}, else embedded SQLite "
+        f"({DEFAULT_RESULT_BACKEND}). Schemes: sqlite, memory.",
+        None,
+    )
+    broker_transport_options: dict[str, Any] = _doc(
+        "Transport extras, e.g. {'visibility_timeout': 30} (seconds a fetched message stays "
+        "leased; renewed while its task runs).",
+        factory=dict,
+    )
+    result_backend_transport_options: dict[str, Any] = _doc(
+        "Result store extras.", factory=dict
+    )
+    task_serializer: str = _doc("Serializer of task arguments: json, pickle, msgpack, yaml, xml.", "json")
+    result_serializer: str = _doc("Serializer of results.", "json")
+    accept_content: list[str] = _doc(
+        "Content types (or serializer names) a worker will decode. Anything else is rejected "
+        "unread.",
+        factory=lambda: ["json"],
+    )
+    result_accept_content: list[str] | None = _doc(
+        "Content types a client will decode from the result store. None: same as accept_content.",
+        None,
+    )
+    task_compression: str | None = _doc(
+        "Compress task bodies: gzip/zlib, bzip2, lzma. None: no compression.", None
+    )
+    result_expires: float | None = _doc(
+        "Seconds (or a timedelta) results are kept. None keeps them forever.", 86400.0
+    )
+    task_default_queue: str = _doc("Queue of tasks without a route.", "celery")
+    task_default_exchange: str | None = _doc(
+        "Exchange of the default queue. None: the queue's name.", None
+    )
+    task_default_exchange_type: str = _doc("Type of the default exchange.", "direct")
+    task_default_routing_key: str | None = _doc(
+        "Routing key of the default queue. None: the queue's name.", None
+    )
+    task_default_priority: int | None = _doc("Priority of tasks that give none (0-9).", None)
+    task_routes: Any = _doc(
+        "Routes: {'name or glob': {'queue': ...}}, a router callable "
+        "(name, args, kwargs, options, task) -> dict | None, or a list of those.",
+        None,
+    )
+    task_acks_late: bool = _doc(
+        "Acknowledge a task after it ran (at-least-once). celeriac default True; Celery's is "
+        "False, which loses the task if its worker dies.",
+        True,
+    )
+    task_ignore_result: bool = _doc("Store no results unless a task says otherwise.", False)
+    task_store_errors_even_if_ignored: bool = _doc(
+        "Store failures even of tasks whose result is ignored.", False
+    )
+    task_track_started: bool = _doc("Store the STARTED state when a task begins.", False)
+    result_extended: bool = _doc(
+        "Add name, args, kwargs, worker, retries and queue to result documents.", False
+    )
+    worker_prefetch_multiplier: int = _doc(
+        "Messages leased per concurrency slot (Celery's meaning).", 4
+    )
+    worker_concurrency: int | None = _doc(
+        "Tasks run at once by one worker. None: the number of CPUs.", None
+    )
+    timezone: str | None = _doc("Time zone for naive datetimes when enable_utc is False.", None)
+    enable_utc: bool = _doc("Naive datetimes given as eta/expires are UTC.", True)
+    imports: list[str] = _doc("Modules the worker imports to register tasks.", factory=list)
+    include: list[str] = _doc("Like imports (Celery keeps both names).", factory=list)
+
+
+#: Coercion and validation of each setting on assignment.
+_VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
+    "broker_url": _optional_str,
+    "result_backend": _optional_str,
+    "broker_transport_options": _mapping,
+    "result_backend_transport_options": _mapping,
+    "task_serializer": _str,
+    "result_serializer": _str,
+    "accept_content": _str_list,
+    "result_accept_content": lambda v, n: None if v is None else _str_list(v, n),
+    "task_compression": _optional_str,
+    "result_expires": _seconds,
+    "task_default_queue": _str,
+    "task_default_exchange": _optional_str,
+    "task_default_exchange_type": _str,
+    "task_default_routing_key": _optional_str,
+    "task_default_priority": lambda v, n: _optional_int(v, n),
+    "task_routes": _routes,
+    "task_acks_late": _bool,
+    "task_ignore_result": _bool,
+    "task_store_errors_even_if_ignored": _bool,
+    "task_track_started": _bool,
+    "result_extended": _bool,
+    "worker_prefetch_multiplier": lambda v, n: _optional_int(v, n, minimum=1),
+    "worker_concurrency": lambda v, n: _optional_int(v, n, minimum=1),
+    "timezone": _optional_str,
+    "enable_utc": _bool,
+    "imports": _str_list,
+    "include": _str_list,
+}
+
+SETTING_NAMES: frozenset[str] = frozenset(f.name for f in fields(_SettingsFields))
+
+
+def setting_docs() -> list[tuple[str, Any, str]]:
+    """(name, default, description) of every setting, in declaration order."""
+    rows = []
+    for f in fields(_SettingsFields):
+        if f.default is not MISSING:
+            default: Any = f.default
+        else:
+            default = f.default_factory()  # type: ignore[misc]
+        rows.append((f.name, default, f.metadata["doc"]))
+    return rows
+
+
+def unknown_setting(name: str) -> ImproperlyConfigured:
+    """The error for a name that is not a setting, with the closest known name."""
+    candidates = difflib.get_close_matches(name.lower(), sorted(SETTING_NAMES), n=1, cutoff=0.5)
+    hint = f" Did you mean {candidates[0]!r}?" if candidates else ""
+    return ImproperlyConfigured(f"Unknown setting {name!r}.{hint}")
+
+
+class Settings(_SettingsFields):
+    """``app.conf``: every setting as a validated attribute, plus Celery's mapping methods."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in SETTING_NAMES:
+            raise unknown_setting(name)
+        object.__setattr__(self, name, _VALIDATORS[name](value, name))
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not settings.
+        raise unknown_setting(name)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in SETTING_NAMES:
+            raise unknown_setting(name)
+        return getattr(self, name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        setattr(self, name, value)
+
+    def __contains__(self, name: object) -> bool:
+        return name in SETTING_NAMES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(SETTING_NAMES))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The setting's value; ``default`` only for names that are not settings."""
+        return getattr(self, name) if name in SETTING_NAMES else default
+
+    def update(self, mapping: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        """Set many settings at once. Every name is checked before any is changed."""
+        items = {**(mapping or {}), **kwargs}
+        for name in items:
+            if name not in SETTING_NAMES:
+                raise unknown_setting(name)
+        validated = {name: _VALIDATORS[name](value, name) for name, value in items.items()}
+        for name, value in validated.items():
+            object.__setattr__(self, name, value)
+
+    def table(self) -> dict[str, Any]:
+        """Every setting and its current value."""
+        return {name: getattr(self, name) for name in sorted(SETTING_NAMES)}
+
+    def from_object(self, obj: Any) -> None:
+        """Load settings from a module, class, object or dotted path, as Celery does.
+
+        Only lower-case public attributes are read; an attribute that looks like a setting but is
+        not one (e.g. a typo) is an error rather than silently ignored. Upper-case attributes
+        (``CELERY_*`` old-style names) are errors that name the new setting.
+        """
+        if isinstance(obj, str):
+            obj = _import_object(obj)
+        values: dict[str, Any] = {}
+        for name in dir(obj):
+            if name.startswith("_"):
+                continue
+            value = getattr(obj, name)
+            if callable(value) and not isinstance(value, type) and name not in SETTING_NAMES:
+                continue  # functions and classes defined beside the settings
+            if isinstance(value, type(os)):
+                continue  # modules imported by a config module
+            if name.isupper():
+                new = name.lower().removeprefix("celery_")
+                raise unknown_setting(new if new in SETTING_NAMES else name)
+            values[name] = value
+        self.update(values)
+
+    def resolved_broker_url(self) -> str:
+        """The broker URL in force: setting, else environment, else the embedded default."""
+        return self.broker_url or os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
+
+    def resolved_result_backend(self) -> str:
+        """The result store URL in force: setting, else environment, else the embedded default."""
+        return self.result_backend or os.environ.get(RESULT_BACKEND_ENV) or DEFAULT_RESULT_BACKEND
+
+    def resolved_result_accept(self) -> list[str]:
+        """``result_accept_content``, defaulting to ``accept_content``."""
+        if self.result_accept_content is not None:
+            return self.result_accept_content
+        return self.accept_content
+
+
+def _import_object(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if attr or "." not in module_name:
+            raise ImproperlyConfigured(f"Cannot import configuration {path!r}: {exc}") from exc
+        module_name, _, attr = module_name.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc2:
+            raise ImproperlyConfigured(f"Cannot import configuration {path!r}: {exc2}") from exc2
+    if not attr:
+        return module
+    try:
+        return getattr(module, attr)
+    except AttributeError as exc:
+        raise ImproperlyConfigured(f"{module_name!r} has no attribute {attr!r}") from exc

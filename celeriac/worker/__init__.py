@@ -1,0 +1,5 @@
+"""The asyncio worker."""
+
+from celeriac.worker.worker import Worker
+
+__all__ = ["Worker"]

@@ -1,0 +1,128 @@
+"""One delivered message on its way to execution: decoded, checked, and described for logs.
+
+Decoding happens here, before a concurrency slot is taken, so a bad message is dealt with at once
+and never occupies a slot. Every way a message can be unusable ends in :class:`Refusal`, which
+says whether to dead-letter it and what to store for a waiting caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celeriac.app.context import Context
+from celeriac.brokers.base import Delivery
+from celeriac.exceptions import (
+    ContentDisallowed,
+    DecodeError,
+    InvalidTaskError,
+    NotRegistered,
+)
+from celeriac.protocol import TaskMessage, wire
+
+if TYPE_CHECKING:
+    from celeriac.app.base import Celery
+    from celeriac.app.task import Task
+
+
+@dataclass(slots=True)
+class Refusal:
+    """Why a message will not run."""
+
+    reason: str
+    #: The exception to store as FAILURE for the task id, when the id is known.
+    error: BaseException
+    task_id: str | None
+
+
+@dataclass(slots=True)
+class Request:
+    """A decoded, registered task message and the delivery that brought it."""
+
+    delivery: Delivery
+    message: TaskMessage
+    task: Task[Any, Any]
+    hostname: str
+
+    @property
+    def id(self) -> str:
+        """The task id."""
+        return self.message.id
+
+    @property
+    def name(self) -> str:
+        """The name shown in logs (``shadow`` if the sender gave one)."""
+        return self.message.shadow or self.message.task
+
+    def label(self) -> str:
+        """``tasks.add[<id>]``, as in Celery's log lines."""
+        return f"{self.name}[{self.id}]"
+
+    def context(self) -> Context:
+        """The ``self.request`` a bound task sees."""
+        m = self.message
+        d = self.delivery
+        return Context(
+            id=m.id,
+            task=m.task,
+            args=m.args,
+            kwargs=m.kwargs,
+            retries=m.retries,
+            eta=m.eta,
+            expires=m.expires,
+            root_id=m.root_id,
+            parent_id=m.parent_id,
+            group=m.group,
+            group_index=m.group_index,
+            correlation_id=m.correlation_id,
+            reply_to=m.reply_to,
+            origin=m.origin,
+            hostname=self.hostname,
+            delivery_info={
+                "exchange": d.exchange,
+                "routing_key": d.routing_key,
+                "priority": m.priority,
+                "redelivered": d.redelivered,
+            },
+            headers=dict(d.message.headers),
+            callbacks=m.callbacks,
+            errbacks=m.errbacks,
+            chain=m.chain,
+            chord=m.chord,
+            timelimit=m.timelimit,
+            ignore_result=self.ignores_result(),
+            delivery_count=d.delivery_count,
+        )
+
+    def ignores_result(self) -> bool:
+        """Whether no result is stored: the message's header, else the task's default."""
+        if self.message.ignore_result:
+            return True
+        return self.task.resolved_ignore_result()
+
+
+def _header_id(delivery: Delivery) -> str | None:
+    value = delivery.message.headers.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def prepare(
+    app: Celery, delivery: Delivery, accept: frozenset[str], hostname: str
+) -> Request | Refusal:
+    """Decode ``delivery`` and find its task, or say why it cannot run."""
+    try:
+        message = wire.decode(delivery.message, accept)
+    except ContentDisallowed as exc:
+        return Refusal(
+            f"refused content type {delivery.message.content_type!r} (not in accept_content): {exc}",
+            exc,
+            _header_id(delivery),
+        )
+    except (DecodeError, InvalidTaskError) as exc:
+        return Refusal(f"malformed message: {exc}", exc, _header_id(delivery))
+    task = app.tasks.get(message.task)
+    if task is None:
+        return Refusal(
+            f"unregistered task {message.task!r}", NotRegistered(message.task), message.id
+        )
+    return Request(delivery=delivery, message=message, task=task, hostname=hostname)
