@@ -11,6 +11,7 @@ a result stored by a celeriac worker re-raises its own class, and vice versa.
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 
@@ -57,7 +58,7 @@ class NotRegistered(CeleriacError, KeyError):
         return f"Task of kind {self.args[0]!r} never registered, please make sure it's imported."
 
 
-class TimeoutError(CeleriacError, TimeoutError):  # noqa: A001 - Celery's name
+class TimeoutError(CeleriacError, builtins.TimeoutError):  # noqa: A001 - Celery's name
     """An operation (usually ``AsyncResult.get``) did not finish in time."""
 
 
