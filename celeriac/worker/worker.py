@@ -113,7 +113,7 @@ class Worker:
         await broker.connect()
         self.broker = broker
         for queue in self.queues:
-            await broker.declare(QueueSpec(name=queue, exchange=queue, routing_key=queue))
+            await broker.declare(self._queue_spec(queue))
         backend = self.app.create_result_store()
         await backend.connect()
         self.backend = backend
@@ -133,6 +133,19 @@ class Worker:
             self._remove_signals(loop)
         logger.info("%s stopped (%d tasks processed).", self.hostname, self.processed)
         return 0
+
+    def _queue_spec(self, queue: str) -> QueueSpec:
+        """A consumed queue as Celery declares it: bound to an exchange of its own name, except
+        the default queue, which follows the ``task_default_exchange*`` settings."""
+        conf = self.app.conf
+        if queue == conf.task_default_queue:
+            return QueueSpec(
+                name=queue,
+                exchange=conf.task_default_exchange or queue,
+                routing_key=conf.task_default_routing_key or queue,
+                exchange_type=conf.task_default_exchange_type,
+            )
+        return QueueSpec(name=queue, exchange=queue, routing_key=queue)
 
     def stop(self, cold: bool = False) -> None:
         """Ask the worker to stop: warm (finish running tasks) or cold (give them back)."""
