@@ -129,7 +129,7 @@ class Celery:
     @overload
     def task(self, /, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
-    def task(self, *args: Any, **options: Any) -> Any:
+    def task(self, *args: Any, **options: Any) -> Any:  # type: ignore[misc]
         """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True, ...)``."""
 
         def decorate(fun: Callable[P, R]) -> Task[P, R]:

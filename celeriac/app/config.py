@@ -213,10 +213,8 @@ def setting_docs() -> list[tuple[str, Any, str]]:
     """(name, default, description) of every setting, in declaration order."""
     rows = []
     for f in fields(_SettingsFields):
-        if f.default is not MISSING:
-            default: Any = f.default
-        else:
-            default = f.default_factory()  # type: ignore[misc]
+        factory: Any = f.default_factory
+        default: Any = f.default if f.default is not MISSING else factory()
         rows.append((f.name, default, f.metadata["doc"]))
     return rows
 

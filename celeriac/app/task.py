@@ -151,7 +151,7 @@ class Task(Generic[P, R]):
         request.root_id = request.id
         token = current_request.set(request)
         try:
-            value = self(*request.args, **request.kwargs)  # type: ignore[arg-type]
+            value = self(*request.args, **request.kwargs)
             if inspect.iscoroutine(value):
                 value = asyncio.run(value)
         except Exception as exc:
