@@ -1,11 +1,11 @@
 """celeriac: a Celery-compatible distributed task queue with an asyncio-native worker.
 
-    from celeriac import Celery
-    app = Celery("tasks")          # embedded SQLite broker and result store
+from celeriac import Celery
+app = Celery("tasks")          # embedded SQLite broker and result store
 
-    @app.task
-    def add(x, y):
-        return x + y
+@app.task
+def add(x, y):
+    return x + y
 """
 
 from celeriac import states

@@ -23,7 +23,7 @@ class ImproperlyConfigured(CeleriacError):
     """A setting, option or URL is wrong. The message says which and what to do."""
 
 
-class ConnectionError(CeleriacError):  # noqa: A001 - Celery/kombu users know this name
+class ConnectionError(CeleriacError):
     """The broker or result store could not be reached (the driver's error is the ``__cause__``)."""
 
 
@@ -58,7 +58,7 @@ class NotRegistered(CeleriacError, KeyError):
         return f"Task of kind {self.args[0]!r} never registered, please make sure it's imported."
 
 
-class TimeoutError(CeleriacError, builtins.TimeoutError):  # noqa: A001 - Celery's name
+class TimeoutError(CeleriacError, builtins.TimeoutError):
     """An operation (usually ``AsyncResult.get``) did not finish in time."""
 
 
@@ -122,10 +122,7 @@ class RemoteTaskError(TaskError):
     def __str__(self) -> str:
         where = f"{self.exc_module}.{self.exc_type}" if self.exc_module else self.exc_type
         args = self.exc_args
-        if isinstance(args, list | tuple):
-            text = ", ".join(str(a) for a in args)
-        else:
-            text = str(args)
+        text = ", ".join(str(a) for a in args) if isinstance(args, list | tuple) else str(args)
         return f"{where}: {text}" if text else where
 
 

@@ -22,8 +22,21 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="celeriac-demo-")
     os.chdir(workdir)
     sys.path.insert(0, str(EXAMPLES))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "celeriac", "-A", "tasks", "worker", "-Q", "celery", "--loglevel=info"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "celeriac",
+        "-A",
+        "tasks",
+        "worker",
+        "-Q",
+        "celery",
+        "--loglevel=info",
+    ]
     print(f"$ {' '.join(command[2:])}    (in {workdir})")
     worker = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -33,7 +46,9 @@ def main() -> int:
         result = add.delay(30, 42)
         print(f"add.delay(30, 42).get(timeout=10) -> {result.get(timeout=10)}")
         print(f"  (first result, including worker start-up: {time.perf_counter() - started:.2f}s)")
-        print(f"fetch_greeting.delay('world') (async def) -> {fetch_greeting.delay('world').get(timeout=10)!r}")
+        print(
+            f"fetch_greeting.delay('world') (async def) -> {fetch_greeting.delay('world').get(timeout=10)!r}"
+        )
         info = whoami.delay().get(timeout=10)
         print(f"whoami.delay() (bind=True) -> ran as {info['id']} on {info['worker']}")
         try:
@@ -41,7 +56,9 @@ def main() -> int:
         except ZeroDivisionError as exc:
             print(f"divide.delay(1, 0) -> raised ZeroDivisionError({exc!r}) in the caller")
         later = add.apply_async((1, 1), countdown=1)
-        print(f"add.apply_async((1, 1), countdown=1) -> {later.get(timeout=10)} (state {later.state})")
+        print(
+            f"add.apply_async((1, 1), countdown=1) -> {later.get(timeout=10)} (state {later.state})"
+        )
 
         count = 1000
         started = time.perf_counter()
@@ -49,8 +66,10 @@ def main() -> int:
         sent = time.perf_counter() - started
         total = sum(r.get(timeout=60) for r in results)
         elapsed = time.perf_counter() - started
-        print(f"{count} x add.delay(i, i): sum {total}, sent in {sent:.2f}s, all done in {elapsed:.2f}s "
-              f"({count / elapsed:.0f} tasks/s end to end)")
+        print(
+            f"{count} x add.delay(i, i): sum {total}, sent in {sent:.2f}s, all done in {elapsed:.2f}s "
+            f"({count / elapsed:.0f} tasks/s end to end)"
+        )
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -59,7 +78,9 @@ def main() -> int:
             worker.kill()
             _, log = worker.communicate()
     lines = log.splitlines()
-    print(f"worker stopped with exit status {worker.returncode}; a few of its {len(lines)} log lines:")
+    print(
+        f"worker stopped with exit status {worker.returncode}; a few of its {len(lines)} log lines:"
+    )
     for line in [*lines[:14], "  ...", *lines[-3:]]:
         print(f"  | {line}")
     return 0 if worker.returncode == 0 else 1

@@ -40,7 +40,9 @@ def scheme_of(url: str) -> str:
     """The scheme of ``url`` (``sqlite`` of ``sqlite:///x``), lower-cased."""
     scheme = urlsplit(url).scheme.lower()
     if not scheme:
-        raise ImproperlyConfigured(f"{url!r} is not a URL: expected something like 'sqlite:///file'")
+        raise ImproperlyConfigured(
+            f"{url!r} is not a URL: expected something like 'sqlite:///file'"
+        )
     return scheme
 
 

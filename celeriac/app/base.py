@@ -108,7 +108,9 @@ class Celery:
             try:
                 importlib.import_module(name)
             except ImportError as exc:
-                raise ImproperlyConfigured(f"cannot import {name!r} (from imports/include): {exc}") from exc
+                raise ImproperlyConfigured(
+                    f"cannot import {name!r} (from imports/include): {exc}"
+                ) from exc
 
     # -- tasks -----------------------------------------------------------------------------------
 
@@ -118,7 +120,9 @@ class Celery:
             module = self.main
         return f"{module}.{name}"
 
-    def _register_function(self, fun: Callable[..., Any], options: Mapping[str, Any]) -> Task[Any, Any]:
+    def _register_function(
+        self, fun: Callable[..., Any], options: Mapping[str, Any]
+    ) -> Task[Any, Any]:
         task = Task._build(self, fun, options)
         self.tasks.register(task)
         return task
@@ -297,7 +301,7 @@ class Celery:
         await self._publish(outgoing)
         return AsyncResult(outgoing.message.id, app=self)
 
-    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+    def AsyncResult(self, task_id: str) -> AsyncResult:
         """The result handle of task ``task_id``."""
         return AsyncResult(task_id, app=self)
 

@@ -161,7 +161,9 @@ def build(
     )
     queue = options.get("queue") or route_options.get("queue") or (task.queue if task else None)
     exchange = (
-        options.get("exchange") or route_options.get("exchange") or (task.exchange if task else None)
+        options.get("exchange")
+        or route_options.get("exchange")
+        or (task.exchange if task else None)
     )
     routing_key = (
         options.get("routing_key")
@@ -206,7 +208,9 @@ def build(
         priority=priority,
         extra_headers=dict(headers),
     )
-    serializer = options.get("serializer") or (task.serializer if task else None) or conf.task_serializer
+    serializer = (
+        options.get("serializer") or (task.serializer if task else None) or conf.task_serializer
+    )
     compression = (
         options.get("compression") or (task.compression if task else None) or conf.task_compression
     )

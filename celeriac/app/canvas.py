@@ -218,8 +218,10 @@ def signature(
     """Build a signature from a task name or a signature dict (Celery's ``signature``)."""
     if isinstance(varies, Mapping):
         if isinstance(varies, Signature):
-            return varies.clone() if not (args or kwargs or options) else varies.clone(
-                args, kwargs, **options
+            return (
+                varies.clone()
+                if not (args or kwargs or options)
+                else varies.clone(args, kwargs, **options)
             )
         return Signature(varies, app=app)
     return Signature(varies, args, kwargs, options, app=app)
@@ -233,6 +235,8 @@ def as_signature_list(value: Any, what: str) -> list[dict[str, Any]] | None:
     result = []
     for item in items:
         if not isinstance(item, Mapping) or "task" not in item:
-            raise ImproperlyConfigured(f"{what} must be a signature or a list of them, not {item!r}")
+            raise ImproperlyConfigured(
+                f"{what} must be a signature or a list of them, not {item!r}"
+            )
         result.append(Signature(item).as_wire())
     return result or None

@@ -47,7 +47,9 @@ def _seconds(value: Any, name: str) -> float | None:
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ImproperlyConfigured(f"{name} must be a number of seconds or a timedelta, not {value!r}")
+        raise ImproperlyConfigured(
+            f"{name} must be a number of seconds or a timedelta, not {value!r}"
+        )
     if value < 0:
         raise ImproperlyConfigured(f"{name} must not be negative, got {value!r}")
     return float(value)
@@ -96,7 +98,9 @@ def _mapping(value: Any, name: str) -> dict[str, Any]:
 def _routes(value: Any, name: str) -> Any:
     if value is None or isinstance(value, Mapping | list | tuple) or callable(value):
         return value
-    raise ImproperlyConfigured(f"{name} must be a dict, a callable or a list of them, not {value!r}")
+    raise ImproperlyConfigured(
+        f"{name} must be a dict, a callable or a list of them, not {value!r}"
+    )
 
 
 @dataclass(slots=True)
@@ -116,10 +120,10 @@ class _SettingsFields:
         "leased; renewed while its task runs).",
         factory=dict,
     )
-    result_backend_transport_options: dict[str, Any] = _doc(
-        "Result store extras.", factory=dict
+    result_backend_transport_options: dict[str, Any] = _doc("Result store extras.", factory=dict)
+    task_serializer: str = _doc(
+        "Serializer of task arguments: json, pickle, msgpack, yaml, xml.", "json"
     )
-    task_serializer: str = _doc("Serializer of task arguments: json, pickle, msgpack, yaml, xml.", "json")
     result_serializer: str = _doc("Serializer of results.", "json")
     accept_content: list[str] = _doc(
         "Content types (or serializer names) a worker will decode. Anything else is rejected "
@@ -191,7 +195,7 @@ _VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
     "task_default_exchange": _optional_str,
     "task_default_exchange_type": _str,
     "task_default_routing_key": _optional_str,
-    "task_default_priority": lambda v, n: _optional_int(v, n),
+    "task_default_priority": _optional_int,
     "task_routes": _routes,
     "task_acks_late": _bool,
     "task_ignore_result": _bool,

@@ -56,7 +56,7 @@ class _ResultBase:
 class AsyncResult(_ResultBase):
     """The state and result of a task, read from the result store."""
 
-    def __init__(self, id: str, app: Celery | None = None) -> None:  # noqa: A002 - Celery's name
+    def __init__(self, id: str, app: Celery | None = None) -> None:
         if app is None:
             from celeriac.app.shared import current_app
 
@@ -128,7 +128,9 @@ class AsyncResult(_ResultBase):
 
     # -- waiting -----------------------------------------------------------------------------
 
-    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5) -> Any:
+    def get(
+        self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5
+    ) -> Any:
         """Wait for the task to finish and return its result.
 
         A failure re-raises the task's exception (its real type where that is safe), unless
@@ -180,7 +182,11 @@ class EagerResult(_ResultBase):
     """The result of a task run locally with ``Task.apply()``: already known, nothing stored."""
 
     def __init__(
-        self, id: str, value: Any, state: str, traceback: str | None = None  # noqa: A002
+        self,
+        id: str,
+        value: Any,
+        state: str,
+        traceback: str | None = None,
     ) -> None:
         self.id = id
         self._value = value
@@ -219,7 +225,9 @@ class EagerResult(_ResultBase):
         """Whether the task raised."""
         return self._state == states.FAILURE
 
-    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5) -> Any:
+    def get(
+        self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5
+    ) -> Any:
         """The result; re-raises the task's exception when ``propagate``."""
         del timeout, interval
         if propagate and self._state == states.FAILURE:

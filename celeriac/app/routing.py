@@ -42,8 +42,10 @@ def _lookup_mapping(routes: Mapping[Any, Any], name: str) -> Mapping[str, Any] |
         if isinstance(pattern, re.Pattern):
             if pattern.match(name):
                 return route  # type: ignore[no-any-return]
-        elif isinstance(pattern, str) and any(c in pattern for c in "*?[") and _glob(pattern).match(
-            name
+        elif (
+            isinstance(pattern, str)
+            and any(c in pattern for c in "*?[")
+            and _glob(pattern).match(name)
         ):
             return route  # type: ignore[no-any-return]
     return None

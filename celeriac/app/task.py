@@ -210,7 +210,7 @@ class Task(Generic[P, R]):
         self._check_arguments(args or (), kwargs or {})
         return await self.app.asend_task(self.name, args, kwargs, _task=self, **options)
 
-    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+    def AsyncResult(self, task_id: str) -> AsyncResult:
         """The result handle of a call of this task."""
         return AsyncResult(task_id, app=self.app)
 
@@ -268,8 +268,7 @@ class Task(Generic[P, R]):
             if exc is not None:
                 raise exc
             raise MaxRetriesExceededError(
-                f"Can't retry {self.name}[{request.id}] args:{request.args} "
-                f"kwargs:{request.kwargs}"
+                f"Can't retry {self.name}[{request.id}] args:{request.args} kwargs:{request.kwargs}"
             )
         if countdown is None and eta is None:
             countdown = self.default_retry_delay

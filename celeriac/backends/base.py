@@ -10,9 +10,11 @@ expiry, waiting — and a store implements four byte-level primitives:
   rule: a success is final; a redelivered duplicate must not turn it into something else);
 * :meth:`ResultBackend._read` — the stored bytes and their content type, or None;
 * :meth:`ResultBackend._delete`;
-* :meth:`ResultBackend._wait_for_change` — optional: block until the document may have changed. The
-  default polls with a backoff; stores that can push (Redis pub/sub, RPC replies, the in-process
-  memory store) override it.
+* :meth:`ResultBackend._wait_for_change` — optional: block until the document may have changed.
+  The default polls with a backoff; stores that can push (Redis pub/sub, RPC replies, the
+  in-process memory store) override it;
+* :meth:`ResultBackend.store_many` — optional: several documents in one write (the worker
+  pipelines its result writes through it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +126,11 @@ class ResultBackend(abc.ABC):
         expires = self.options.expires
         expires_at = None if expires is None else time.time() + expires
         await self._write(meta["task_id"], meta["status"], self.encode_meta(meta), expires_at)
+
+    async def store_many(self, metas: Sequence[dict[str, Any]]) -> None:
+        """Store several documents; stores that can override this to write them in one go."""
+        for meta in metas:
+            await self.store(meta)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         """The current document of ``task_id``; PENDING when nothing is stored."""

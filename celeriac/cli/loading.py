@@ -43,7 +43,9 @@ def _app_in(module: ModuleType, spec: str) -> Celery:
         return found[0]
     if found:
         raise AppNotFound(f"{spec!r} holds several apps; name one as {spec}:<attribute>")
-    raise AppNotFound(f"No celeriac app found in module {module.__name__!r} (looked for 'app' and 'celery')")
+    raise AppNotFound(
+        f"No celeriac app found in module {module.__name__!r} (looked for 'app' and 'celery')"
+    )
 
 
 def _check(value: Any, spec: str) -> Celery:

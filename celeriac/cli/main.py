@@ -59,20 +59,40 @@ def _json_arg(value: str | None, what: str, kind: type) -> Any:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="celeriac")
-@click.option("-A", "--app", "app_spec", metavar="MODULE", help="The app: module, module.attr or module:attr.")
+@click.option(
+    "-A", "--app", "app_spec", metavar="MODULE", help="The app: module, module.attr or module:attr."
+)
 @click.option("-b", "--broker", help="Broker URL (overrides broker_url).")
 @click.option("--result-backend", help="Result store URL (overrides result_backend).")
 @click.pass_context
-def main(ctx: click.Context, app_spec: str | None, broker: str | None, result_backend: str | None) -> None:
+def main(
+    ctx: click.Context, app_spec: str | None, broker: str | None, result_backend: str | None
+) -> None:
     """celeriac: a Celery-compatible task queue."""
     ctx.obj = _Context(app_spec, broker, result_backend)
 
 
 @main.command()
-@click.option("-Q", "--queues", help="Comma-separated queues to consume (default: task_default_queue).")
-@click.option("-l", "--loglevel", default="INFO", show_default=True, type=click.Choice(LEVELS, case_sensitive=False))
-@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Tasks run at once (default: CPUs).")
-@click.option("-P", "--pool", default="threads", show_default=True, help="Pool for sync tasks: threads or solo.")
+@click.option(
+    "-Q", "--queues", help="Comma-separated queues to consume (default: task_default_queue)."
+)
+@click.option(
+    "-l",
+    "--loglevel",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(LEVELS, case_sensitive=False),
+)
+@click.option(
+    "-c", "--concurrency", type=click.IntRange(min=1), help="Tasks run at once (default: CPUs)."
+)
+@click.option(
+    "-P",
+    "--pool",
+    default="threads",
+    show_default=True,
+    help="Pool for sync tasks: threads or solo.",
+)
 @click.option("-n", "--hostname", help="Node name (%h, %n, %d expand as in Celery).")
 @click.option("--prefetch-multiplier", type=click.IntRange(min=1), help="Messages leased per slot.")
 @click.pass_obj
@@ -134,7 +154,9 @@ def _banner(app: Celery, w: Any) -> str:
 
 @main.command()
 @click.argument("name")
-@click.option("-a", "--args", "args_json", help='Positional arguments as a JSON array, e.g. "[30, 42]".')
+@click.option(
+    "-a", "--args", "args_json", help='Positional arguments as a JSON array, e.g. "[30, 42]".'
+)
 @click.option("-k", "--kwargs", "kwargs_json", help="Keyword arguments as a JSON object.")
 @click.option("--countdown", type=float, help="Seconds to wait before the task may run.")
 @click.option("--expires", type=float, help="Seconds after which the task is revoked unrun.")
@@ -156,7 +178,12 @@ def call(
     kwargs = _json_arg(kwargs_json, "--kwargs", dict)
     options = {
         k: v
-        for k, v in {"countdown": countdown, "expires": expires, "queue": queue, "serializer": serializer}.items()
+        for k, v in {
+            "countdown": countdown,
+            "expires": expires,
+            "queue": queue,
+            "serializer": serializer,
+        }.items()
         if v is not None
     }
     try:
@@ -168,11 +195,17 @@ def call(
 
 @main.command()
 @click.argument("task_id")
-@click.option("--timeout", type=float, help="Seconds to wait for the task to finish (default: forever).")
+@click.option(
+    "--timeout", type=float, help="Seconds to wait for the task to finish (default: forever)."
+)
 @click.option("--no-wait", is_flag=True, help="Print the current state at once instead of waiting.")
-@click.option("-t", "--traceback", "show_traceback", is_flag=True, help="Print the traceback of a failure.")
+@click.option(
+    "-t", "--traceback", "show_traceback", is_flag=True, help="Print the traceback of a failure."
+)
 @click.pass_obj
-def result(obj: _Context, task_id: str, timeout: float | None, no_wait: bool, show_traceback: bool) -> None:
+def result(
+    obj: _Context, task_id: str, timeout: float | None, no_wait: bool, show_traceback: bool
+) -> None:
     """Print the result of TASK_ID (or its error)."""
     res = obj.app.AsyncResult(task_id)
     try:
@@ -204,7 +237,11 @@ def _jsonable(value: Any) -> bool:
 def purge(obj: _Context, queues: str | None, force: bool) -> None:
     """Delete every waiting message of the queues."""
     app = obj.app
-    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else [app.conf.task_default_queue]
+    names = (
+        [q.strip() for q in queues.split(",") if q.strip()]
+        if queues
+        else [app.conf.task_default_queue]
+    )
     if not force:
         click.confirm(f"Delete all waiting messages of {', '.join(names)}?", abort=True)
     try:

@@ -7,7 +7,7 @@ Components, started in this order and stopped in reverse (see docs/worker.md for
 3. **pool** — threads for sync task bodies (async bodies run on the loop).
 4. **lease keeper** — renews the leases of every message held, so a long task is never redelivered
    while this worker lives.
-5. **consumer** — fetches up to ``concurrency × prefetch_multiplier`` messages, decodes them at
+5. **consumer** — fetches up to ``concurrency * prefetch_multiplier`` messages, decodes them at
    once (bad ones are refused without taking a slot), and starts each in a concurrency slot.
 
 Acknowledgement comes after the result is stored (``acks_late``, the default), so a worker that dies
@@ -21,6 +21,7 @@ give back everything not finished, including running tasks, and exit now.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from celeriac.brokers.base import Broker, Delivery, QueueSpec
 from celeriac.exceptions import CeleriacError, TaskRevokedError
 from celeriac.protocol import wire
 from celeriac.worker import execution
+from celeriac.worker.finisher import Finisher
 from celeriac.worker.logs import logger
 from celeriac.worker.pools import ThreadPool, check_pool
 from celeriac.worker.request import Refusal, Request, prepare
@@ -87,6 +89,7 @@ class Worker:
         self.broker: Broker | None = None
         self.backend: ResultBackend | None = None
         self.pool: ThreadPool | None = None
+        self.finisher: Finisher | None = None
         #: Messages held (leased) by this worker, by delivery tag.
         self._held: dict[str, Delivery] = {}
         #: Handlers of messages not started yet (waiting for a slot).
@@ -118,6 +121,7 @@ class Worker:
         await backend.connect()
         self.backend = backend
         self.app.use_connections(broker, backend)
+        self.finisher = Finisher(broker, backend)
         self.pool = ThreadPool(self.concurrency)
         keeper = asyncio.create_task(self._keep_leases(), name="celeriac-lease-keeper")
         logger.info("%s ready.", self.hostname)
@@ -170,10 +174,8 @@ class Worker:
 
     def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
 
     # -- consuming -----------------------------------------------------------------------------------
 
@@ -236,11 +238,18 @@ class Worker:
         try:
             await self.broker.reject(delivery, requeue=True, reason="worker shutdown")
         except CeleriacError as exc:
-            logger.warning("Could not give back %s (%s); its lease will expire.", delivery.delivery_tag, exc)
+            logger.warning(
+                "Could not give back %s (%s); its lease will expire.", delivery.delivery_tag, exc
+            )
 
     async def _refuse(self, delivery: Delivery, refusal: Refusal) -> None:
         assert self.broker is not None
-        logger.error("Rejecting message %s from queue %r: %s", delivery.delivery_tag, delivery.queue, refusal.reason)
+        logger.error(
+            "Rejecting message %s from queue %r: %s",
+            delivery.delivery_tag,
+            delivery.queue,
+            refusal.reason,
+        )
         if refusal.task_id is not None:
             await self._store(build_meta(refusal.task_id, states.FAILURE, refusal.error))
         await self.broker.reject(delivery, requeue=False, reason=refusal.reason)
@@ -253,7 +262,9 @@ class Worker:
         if message.expires is not None and message.expires <= now:
             logger.info("Task %s expired at %s: revoked, not run", request.label(), message.expires)
             if not request.ignores_result():
-                await self._store(build_meta(message.id, states.REVOKED, TaskRevokedError("expired")))
+                await self._store(
+                    build_meta(message.id, states.REVOKED, TaskRevokedError("expired"))
+                )
             await self.broker.ack([request.delivery])
             return True
         if message.eta is not None and message.eta > now + timedelta(milliseconds=5):
@@ -265,35 +276,42 @@ class Worker:
     # -- running and finishing ---------------------------------------------------------------------
 
     async def _execute(self, request: Request) -> None:
-        assert self.broker is not None and self.pool is not None
+        assert self.broker is not None and self.pool is not None and self.finisher is not None
         task = request.task
         ignore = request.ignores_result()
-        if not task.resolved_acks_late():
+        acks_late = task.resolved_acks_late()
+        if not acks_late:
             await self.broker.ack([request.delivery])
         if task.resolved_track_started() and not ignore:
             await self._store(
-                build_meta(request.id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}),
+                build_meta(
+                    request.id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}
+                ),
             )
         outcome = await execution.run(request, self.pool)
         self.processed += 1
+        meta: dict[str, Any] | None = None
         if outcome.retry is not None:
-            await self._retry(request, outcome)
+            meta = await self._retry(request, outcome)
         elif outcome.state == states.SUCCESS:
-            logger.info("Task %s succeeded in %.4fs: %r", request.label(), outcome.runtime, outcome.value)
+            logger.info(
+                "Task %s succeeded in %.4fs: %r", request.label(), outcome.runtime, outcome.value
+            )
             if not ignore:
-                await self._store(self._meta(request, states.SUCCESS, outcome.value))
+                meta = self._meta(request, states.SUCCESS, outcome.value)
             await self._send_callbacks(request, outcome.value)
         else:
             logger.error(
-                "Task %s raised unexpected: %r\n%s", request.label(), outcome.value, outcome.traceback
+                "Task %s raised unexpected: %r\n%s",
+                request.label(),
+                outcome.value,
+                outcome.traceback,
             )
             if not ignore or task.resolved_store_errors():
-                await self._store(
-                    self._meta(request, states.FAILURE, outcome.value, outcome.traceback)
-                )
+                meta = self._meta(request, states.FAILURE, outcome.value, outcome.traceback)
             await self._send_errbacks(request)
-        if task.resolved_acks_late():
-            await self.broker.ack([request.delivery])
+        # Result first, then the ack: a crash in between redelivers, it never loses.
+        await self.finisher.finish(meta, request.delivery if acks_late else None)
 
     def _meta(
         self, request: Request, state: str, value: Any, traceback: str | None = None
@@ -320,18 +338,11 @@ class Worker:
         )
 
     async def _store(self, meta: dict[str, Any]) -> None:
-        assert self.backend is not None
-        try:
-            await self.backend.store(meta)
-        except CeleriacError as exc:
-            if meta["status"] == states.SUCCESS and "result" in meta:
-                # The value itself could not be stored (e.g. not serializable): store why.
-                logger.error("Cannot store the result of %s: %s", meta["task_id"], exc)
-                await self.backend.store(build_meta(meta["task_id"], states.FAILURE, exc))
-            else:
-                raise
+        assert self.finisher is not None
+        await self.finisher.store(meta)
 
-    async def _retry(self, request: Request, outcome: execution.Outcome) -> None:
+    async def _retry(self, request: Request, outcome: execution.Outcome) -> dict[str, Any] | None:
+        """Publish the retried message (it waits in the broker); the RETRY document to store."""
         assert self.broker is not None
         retry = outcome.retry
         assert retry is not None
@@ -352,29 +363,38 @@ class Worker:
             origin=self.hostname,
         )
         serializer = request.task.serializer or self.app.conf.task_serializer
-        transport = wire.encode(new, serializer=serializer, compression=self.app.conf.task_compression)
+        transport = wire.encode(
+            new, serializer=serializer, compression=self.app.conf.task_compression
+        )
         await self.broker.publish(
             transport, exchange="", routing_key=request.delivery.queue, not_before=eta.timestamp()
         )
         logger.info("Task %s retry: %s", request.label(), retry)
-        if not request.ignores_result():
-            cause = retry.exc if retry.exc is not None else retry
-            await self._store(self._meta(request, states.RETRY, cause, outcome.traceback))
+        if request.ignores_result():
+            return None
+        cause = retry.exc if retry.exc is not None else retry
+        return self._meta(request, states.RETRY, cause, outcome.traceback)
 
-    async def _send_linked(self, signatures: list[dict[str, Any]], first_arg: Any, request: Request) -> None:
+    async def _send_linked(
+        self, signatures: list[dict[str, Any]], first_arg: Any, request: Request
+    ) -> None:
         for raw in signatures:
             sig = Signature(raw, app=self.app)
             options = {k: v for k, v in sig.options.items() if k in CALL_OPTIONS}
             dropped = sorted(set(sig.options) - set(options))
             if dropped:
-                logger.warning("Linked task %s: options not understood and not applied: %s", sig.task, dropped)
+                logger.warning(
+                    "Linked task %s: options not understood and not applied: %s", sig.task, dropped
+                )
             args = list(sig.args) if sig.immutable else [first_arg, *sig.args]
             options.setdefault("parent_id", request.id)
             options.setdefault("root_id", request.message.root_id or request.id)
             try:
                 await self.app.asend_task(sig.task, args, sig.kwargs, **options)
             except CeleriacError as exc:
-                logger.error("Could not send linked task %s of %s: %s", sig.task, request.label(), exc)
+                logger.error(
+                    "Could not send linked task %s of %s: %s", sig.task, request.label(), exc
+                )
 
     async def _send_callbacks(self, request: Request, value: Any) -> None:
         if request.message.callbacks:

@@ -24,7 +24,9 @@ class WorkerProcess:
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         command = [sys.executable, "-m", "celeriac", *args]
-        self.proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=self._log, stderr=self._log)
+        self.proc = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=self._log, stderr=self._log
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8")
@@ -67,7 +69,9 @@ def start_worker(workdir: Path) -> Iterator[object]:
     """Start worker processes: ``start_worker("-c", "4", env={...})``; all stopped at teardown."""
     started: list[WorkerProcess] = []
 
-    def start(*extra: str, env: dict[str, str] | None = None, app: str = "e2etasks") -> WorkerProcess:
+    def start(
+        *extra: str, env: dict[str, str] | None = None, app: str = "e2etasks"
+    ) -> WorkerProcess:
         full_env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(APPS), os.environ.get("PYTHONPATH", "")]),

@@ -41,22 +41,35 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
 def test_new_user_add_30_42_on_the_embedded_default(tmp_path: Path) -> None:
     (tmp_path / "tasks.py").write_text(TASKS_PY)
     env = _clean_env()
-    worker = WorkerProcess(tmp_path, env, ["-A", "tasks", "worker", "-Q", "celery", "--loglevel=info"], "w")
+    worker = WorkerProcess(
+        tmp_path, env, ["-A", "tasks", "worker", "-Q", "celery", "--loglevel=info"], "w"
+    )
     try:
         worker.wait_for("ready.")
         client = _run(
-            ["-c", "from tasks import add, slow_add\n"
-                   "print(add.delay(30, 42).get(timeout=10))\n"
-                   "print(slow_add.delay(30, 42).get(timeout=10))"],
+            [
+                "-c",
+                "from tasks import add, slow_add\n"
+                "print(add.delay(30, 42).get(timeout=10))\n"
+                "print(slow_add.delay(30, 42).get(timeout=10))",
+            ],
             tmp_path,
             env,
         )
@@ -76,20 +89,40 @@ def test_call_result_and_purge(tmp_path: Path, start_worker: Any) -> None:
         CELERIAC_RESULT_BACKEND=os.environ["CELERIAC_RESULT_BACKEND"],
         PYTHONPATH=str(Path(__file__).parent / "apps"),
     )
-    purge_first = _run(["-m", "celeriac", "-A", "e2etasks", "call", "e2etasks.add", "--args", "[1, 2]"], tmp_path, env)
+    purge_first = _run(
+        ["-m", "celeriac", "-A", "e2etasks", "call", "e2etasks.add", "--args", "[1, 2]"],
+        tmp_path,
+        env,
+    )
     assert purge_first.returncode == 0, purge_first.stderr
     purged = _run(["-m", "celeriac", "-A", "e2etasks", "purge", "-f"], tmp_path, env)
     assert purged.stdout.strip() == "Purged 1 message from celery."
     start_worker()
-    sent = _run(["-m", "celeriac", "-A", "e2etasks", "call", "e2etasks.add", "--args", "[30, 42]"], tmp_path, env)
+    sent = _run(
+        ["-m", "celeriac", "-A", "e2etasks", "call", "e2etasks.add", "--args", "[30, 42]"],
+        tmp_path,
+        env,
+    )
     task_id = sent.stdout.strip()
     assert len(task_id) == 36, sent.stderr
-    got = _run(["-m", "celeriac", "-A", "e2etasks", "result", task_id, "--timeout", "10"], tmp_path, env)
+    got = _run(
+        ["-m", "celeriac", "-A", "e2etasks", "result", task_id, "--timeout", "10"], tmp_path, env
+    )
     assert got.returncode == 0 and got.stdout.strip() == "72", got.stderr
-    failing = _run(["-m", "celeriac", "-A", "e2etasks", "call", "e2etasks.fail", "-a", '["nope"]'], tmp_path, env)
-    err = _run(["-m", "celeriac", "-A", "e2etasks", "result", failing.stdout.strip(), "--timeout", "10"], tmp_path, env)
+    failing = _run(
+        ["-m", "celeriac", "-A", "e2etasks", "call", "e2etasks.fail", "-a", '["nope"]'],
+        tmp_path,
+        env,
+    )
+    err = _run(
+        ["-m", "celeriac", "-A", "e2etasks", "result", failing.stdout.strip(), "--timeout", "10"],
+        tmp_path,
+        env,
+    )
     assert err.returncode == 1 and "FAILURE: ValueError: nope" in err.stderr
-    bad_json = _run(["-m", "celeriac", "-A", "e2etasks", "call", "e2etasks.add", "--args", "[1,"], tmp_path, env)
+    bad_json = _run(
+        ["-m", "celeriac", "-A", "e2etasks", "call", "e2etasks.add", "--args", "[1,"], tmp_path, env
+    )
     assert bad_json.returncode == 2 and "--args must be JSON" in bad_json.stderr
 
 

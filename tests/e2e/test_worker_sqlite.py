@@ -107,11 +107,22 @@ def test_malformed_messages_are_dead_lettered_and_worker_continues(
 ) -> None:
     worker = start_worker()
     bad = [
-        TransportMessage(b"{not json", "application/json", "utf-8", {"task": "e2etasks.add", "id": "bad-json"}),
-        TransportMessage(b"[[1, 2], {}]", "application/json", "utf-8", {"task": "e2etasks.add", "id": "two-elements"}),
+        TransportMessage(
+            b"{not json", "application/json", "utf-8", {"task": "e2etasks.add", "id": "bad-json"}
+        ),
+        TransportMessage(
+            b"[[1, 2], {}]",
+            "application/json",
+            "utf-8",
+            {"task": "e2etasks.add", "id": "two-elements"},
+        ),
         TransportMessage(b"[1, 2, 3]", "application/json", "utf-8", {}),
-        TransportMessage(pickle.dumps(([1, 2], {}, {})), "application/x-python-serialize", "binary",
-                         {"task": "e2etasks.add", "id": "pickled"}),
+        TransportMessage(
+            pickle.dumps(([1, 2], {}, {})),
+            "application/x-python-serialize",
+            "binary",
+            {"task": "e2etasks.add", "id": "pickled"},
+        ),
     ]
     for message in bad:
         _publish_raw(workdir, message)
@@ -128,7 +139,7 @@ def test_malformed_messages_are_dead_lettered_and_worker_continues(
     reasons = " | ".join(r[0] for r in rows)
     assert "malformed" in reasons and "refused content type" in reasons
     # Callers waiting on a refused message learn why instead of waiting forever.
-    with pytest.raises(Exception, match="pickle|python-serialize|accept"):
+    with pytest.raises(Exception, match=r"pickle|python-serialize|accept"):
         e2etasks.app.AsyncResult("pickled").get(timeout=5)
     assert worker.proc.poll() is None
 
@@ -213,7 +224,9 @@ def test_warm_shutdown_finishes_running_and_gives_back_the_rest(
     assert sorted(lines) == sorted(["first", "later0", "later1", "later2"])
 
 
-def test_sigkill_mid_task_is_redelivered_and_completes_once(start_worker: Any, workdir: Path) -> None:
+def test_sigkill_mid_task_is_redelivered_and_completes_once(
+    start_worker: Any, workdir: Path
+) -> None:
     env = {"E2E_VISIBILITY": "1"}
     victim = start_worker(env=env)
     result = e2etasks.slow_record.delay("survivor", 0.5)
@@ -228,7 +241,9 @@ def test_sigkill_mid_task_is_redelivered_and_completes_once(start_worker: Any, w
     assert (workdir / "started.log").read_text().split() == ["survivor", "survivor"]
 
 
-def test_long_task_is_not_redelivered_while_its_worker_lives(start_worker: Any, workdir: Path) -> None:
+def test_long_task_is_not_redelivered_while_its_worker_lives(
+    start_worker: Any, workdir: Path
+) -> None:
     env = {"E2E_VISIBILITY": "0.5"}
     start_worker(env=env)
     start_worker(env=env)
@@ -248,5 +263,7 @@ def test_two_workers_drain_without_duplicates(start_worker: Any, workdir: Path) 
     elapsed = time.perf_counter() - started
     lines = (workdir / "record.log").read_text().split()
     assert len(lines) == count and len(set(lines)) == count
-    print(f"\n{count} tasks through 2 SQLite workers, send to last result: {elapsed:.2f}s "
-          f"({count / elapsed:.0f} tasks/s)")
+    print(
+        f"\n{count} tasks through 2 SQLite workers, send to last result: {elapsed:.2f}s "
+        f"({count / elapsed:.0f} tasks/s)"
+    )
