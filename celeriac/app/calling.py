@@ -22,6 +22,7 @@ from celeriac.app.canvas import as_signature_list
 from celeriac.app.context import current_request
 from celeriac.exceptions import ImproperlyConfigured, UnknownOptionError
 from celeriac.protocol.message import TaskMessage
+from celeriac.protocol.validate import DROPPED_HEADERS, MODEL_HEADERS
 
 if TYPE_CHECKING:
     from celeriac.app.config import Settings
@@ -155,6 +156,12 @@ def build(
     headers = options.get("headers") or {}
     if not isinstance(headers, Mapping):
         raise ImproperlyConfigured(f"headers must be a mapping, not {headers!r}")
+    for key in headers:
+        if key in MODEL_HEADERS or key in DROPPED_HEADERS:
+            raise ImproperlyConfigured(
+                f"headers={{{key!r}: ...}} would replace the protocol header {key!r}; "
+                "use the matching apply_async option (task_id=, eta=, expires=, shadow=, ...) instead"
+            )
 
     route_options = routing.lookup_route(
         conf.task_routes, name, list(args or ()), dict(kwargs or {}), options

@@ -228,6 +228,11 @@ def test_call_options_are_checked_and_normalized() -> None:
         calling.build(conf, "t", [], {}, {"countdown": -1})
     with pytest.raises(ImproperlyConfigured, match="expires is not after eta"):
         calling.build(conf, "t", [], {}, {"countdown": 10, "expires": 5})
+    with pytest.raises(ImproperlyConfigured, match="would replace the protocol header 'id'"):
+        calling.build(conf, "t", [], {}, {"headers": {"id": "forged"}})
+    assert calling.build(
+        conf, "t", [], {}, {"headers": {"x-custom": "v"}}
+    ).message.extra_headers == {"x-custom": "v"}
     with pytest.raises(ImproperlyConfigured, match="priority"):
         calling.build(conf, "t", [], {}, {"priority": 10})
     naive = datetime(2030, 1, 1, 12, 0)
