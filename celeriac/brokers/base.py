@@ -175,4 +175,3 @@ class Broker(abc.ABC):
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The most recent dead letters, newest first, where the transport keeps them."""
         raise NotImplementedError(f"{type(self).__name__} keeps no dead letters")
-

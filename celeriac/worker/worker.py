@@ -182,14 +182,18 @@ class Worker:
     async def _consume(self) -> None:
         assert self.broker is not None
         backoff = 0.5
+        rotation = 0
         while not self._stop.is_set():
             room = self.prefetch - len(self._held)
             if room <= 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
+            # Rotate the queue order between fetches so a busy first queue cannot starve the rest.
+            order = self.queues[rotation:] + self.queues[:rotation]
+            rotation = (rotation + 1) % len(self.queues)
             try:
-                deliveries = await self.broker.fetch(self.queues, room, FETCH_WAIT)
+                deliveries = await self.broker.fetch(order, room, FETCH_WAIT)
             except CeleriacError as exc:
                 logger.error("Cannot fetch from the broker (%s); retrying in %.1fs.", exc, backoff)
                 await asyncio.sleep(backoff)
