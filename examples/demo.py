@@ -38,7 +38,10 @@ def main() -> int:
         "--loglevel=info",
     ]
     print(f"$ {' '.join(command[2:])}    (in {workdir})")
-    worker = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    # The worker logs to a file: a pipe nobody reads while tasks run would fill up and block it.
+    log_path = Path(workdir) / "worker.log"
+    log_file = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    worker = subprocess.Popen(command, env=env, stderr=log_file, stdout=log_file)
     try:
         from tasks import add, divide, fetch_greeting, whoami
 
@@ -54,7 +57,7 @@ def main() -> int:
         try:
             divide.delay(1, 0).get(timeout=10)
         except ZeroDivisionError as exc:
-            print(f"divide.delay(1, 0) -> raised ZeroDivisionError({exc!r}) in the caller")
+            print(f"divide.delay(1, 0) -> raised {exc!r} in the caller")
         later = add.apply_async((1, 1), countdown=1)
         print(
             f"add.apply_async((1, 1), countdown=1) -> {later.get(timeout=10)} (state {later.state})"
@@ -73,11 +76,12 @@ def main() -> int:
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
-            _, log = worker.communicate(timeout=30)
+            worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-            _, log = worker.communicate()
-    lines = log.splitlines()
+            worker.wait()
+        log_file.close()
+    lines = log_path.read_text(encoding="utf-8").splitlines()
     print(
         f"worker stopped with exit status {worker.returncode}; a few of its {len(lines)} log lines:"
     )
