@@ -85,7 +85,7 @@ def main() -> int:
     print(
         f"worker stopped with exit status {worker.returncode}; a few of its {len(lines)} log lines:"
     )
-    for line in [*lines[:14], "  ...", *lines[-3:]]:
+    for line in [*lines[:19], "  ...", *lines[-3:]]:
         print(f"  | {line}")
     return 0 if worker.returncode == 0 else 1
 
