@@ -198,9 +198,7 @@ class Celery:
         if conns.broker is None:
             async with conns.lock:
                 if conns.broker is None:
-                    broker = self.create_broker()
-                    await broker.connect()
-                    conns.broker = broker
+                    conns.broker = await _connected(self.create_broker())
         return conns.broker
 
     async def aresult_store(self) -> ResultBackend:
@@ -209,9 +207,7 @@ class Celery:
         if conns.backend is None:
             async with conns.lock:
                 if conns.backend is None:
-                    backend = self.create_result_store()
-                    await backend.connect()
-                    conns.backend = backend
+                    conns.backend = await _connected(self.create_result_store())
         return conns.backend
 
     def use_connections(self, broker: Broker | None, backend: ResultBackend | None) -> None:
@@ -315,3 +311,10 @@ class Celery:
 
 
 App = Celery
+
+_C = TypeVar("_C", Broker, ResultBackend)
+
+
+async def _connected(connection: _C) -> _C:
+    await connection.connect()
+    return connection

@@ -7,9 +7,6 @@ does not know is an error at the call, never silently dropped. Times are normali
 
 from __future__ import annotations
 
-import difflib
-import os
-import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +19,9 @@ from celeriac.app.canvas import as_signature_list
 from celeriac.app.context import current_request
 from celeriac.exceptions import ImproperlyConfigured, UnknownOptionError
 from celeriac.protocol.message import TaskMessage
+from celeriac.protocol.v2 import default_origin
 from celeriac.protocol.validate import DROPPED_HEADERS, MODEL_HEADERS
+from celeriac.utils.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from celeriac.app.config import Settings
@@ -66,19 +65,11 @@ class Outgoing:
     not_before: float | None
 
 
-_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
-
-
-def _origin() -> str:
-    return _ORIGIN
-
-
 def check_options(options: Mapping[str, Any], task_name: str) -> None:
     """Raise for any option celeriac does not know."""
     for name in options:
         if name not in CALL_OPTIONS:
-            close = difflib.get_close_matches(name, list(CALL_OPTIONS), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, CALL_OPTIONS)
             raise UnknownOptionError(
                 f"apply_async() of {task_name!r} got an unknown option {name!r}.{hint}"
             )
@@ -206,7 +197,7 @@ def build(
         group=options.get("group_id"),
         group_index=options.get("group_index"),
         shadow=options.get("shadow"),
-        origin=_origin(),
+        origin=default_origin(),
         ignore_result=bool(ignore_result) if ignore_result is not None else False,
         callbacks=as_signature_list(options.get("link"), "link"),
         errbacks=as_signature_list(options.get("link_error"), "link_error"),

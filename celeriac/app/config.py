@@ -17,7 +17,6 @@ Where Celery's default is unsafe ours is safe, and the description says so:
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,6 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 from celeriac.exceptions import ImproperlyConfigured
+from celeriac.utils.suggest import did_you_mean
 
 BROKER_URL_ENV = "CELERIAC_BROKER_URL"
 RESULT_BACKEND_ENV = "CELERIAC_RESULT_BACKEND"
@@ -225,8 +225,7 @@ def setting_docs() -> list[tuple[str, Any, str]]:
 
 def unknown_setting(name: str) -> ImproperlyConfigured:
     """The error for a name that is not a setting, with the closest known name."""
-    candidates = difflib.get_close_matches(name.lower(), sorted(SETTING_NAMES), n=1, cutoff=0.5)
-    hint = f" Did you mean {candidates[0]!r}?" if candidates else ""
+    hint = did_you_mean(name.lower(), SETTING_NAMES, cutoff=0.5)
     return ImproperlyConfigured(f"Unknown setting {name!r}.{hint}")
 
 

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
+from celeriac.app.context import current_request
 from celeriac.exceptions import TaskRevokedError
 
 if TYPE_CHECKING:
@@ -26,6 +27,15 @@ def _parse_date(value: Any) -> datetime | None:
         except ValueError:
             return None
     return None
+
+
+def _refuse_inside_task() -> None:
+    request = current_request.get()
+    if request is not None and not request.is_eager:
+        raise RuntimeError(
+            "Never call result.get() within a task: it can deadlock the worker. Link the tasks "
+            "(link=, signatures) or pass disable_sync_subtasks=False if you must."
+        )
 
 
 class _ResultBase:
@@ -129,14 +139,24 @@ class AsyncResult(_ResultBase):
     # -- waiting -----------------------------------------------------------------------------
 
     def get(
-        self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        interval: float = 0.5,
+        disable_sync_subtasks: bool = True,
     ) -> Any:
         """Wait for the task to finish and return its result.
 
         A failure re-raises the task's exception (its real type where that is safe), unless
         ``propagate`` is False, in which case the exception is returned. Raises
         :class:`celeriac.exceptions.TimeoutError` after ``timeout`` seconds.
+
+        As in Celery, a task may not block on another task's result (it can deadlock a worker
+        whose slots are all waiting): pass ``disable_sync_subtasks=False`` to allow it anyway,
+        or link the tasks instead.
         """
+        if disable_sync_subtasks and self._cache is None:
+            _refuse_inside_task()
         return self.app.run_sync(self.aget(timeout=timeout, propagate=propagate, interval=interval))
 
     async def aget(

@@ -8,7 +8,6 @@ error there, not a silent no-op.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import traceback as tb
 import uuid
@@ -26,6 +25,7 @@ from celeriac.exceptions import (
     Retry,
     UnknownOptionError,
 )
+from celeriac.utils.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from celeriac.app.base import Celery
@@ -86,8 +86,7 @@ class Task(Generic[P, R]):
     ) -> Task[Any, Any]:
         for key in options:
             if key not in TASK_OPTIONS:
-                close = difflib.get_close_matches(key, list(TASK_OPTIONS), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(key, TASK_OPTIONS)
                 raise UnknownOptionError(
                     f"@task option {key!r} is not known (task {fun.__qualname__}).{hint}"
                 )

@@ -13,12 +13,12 @@ always trusted.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from celeriac.exceptions import ContentDisallowed, DecodeError, EncodeError, ImproperlyConfigured
+from celeriac.utils.suggest import closest
 
 #: Content types kombu always trusts: their payload is returned as bytes or text, never parsed.
 TRUSTED_CONTENT: frozenset[str] = frozenset({"application/data", "application/text"})
@@ -110,8 +110,8 @@ def _lookup(serializer: str) -> Codec:
 
 
 def _did_you_mean(word: str) -> str:
-    close = difflib.get_close_matches(word, list(_codecs), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    match = closest(word, _codecs)
+    return f" (did you mean {match!r}?)" if match else ""
 
 
 def dumps(value: Any, serializer: str) -> EncodedPayload:

@@ -201,8 +201,15 @@ def test_task_sent_from_a_task_gets_parent_and_root(start_worker: Any) -> None:
     start_worker()
     parent = e2etasks.spawn_child.delay(4)
     child_id = parent.get(timeout=10)
-    child = e2etasks.app.AsyncResult(child_id)
-    assert child.get(timeout=10) == 8
+    info = e2etasks.app.AsyncResult(child_id).get(timeout=10)
+    assert info["parent_id"] == parent.id
+    assert info["root_id"] == parent.id
+
+
+def test_blocking_on_a_result_inside_a_task_is_refused(start_worker: Any) -> None:
+    start_worker()
+    with pytest.raises(RuntimeError, match="Never call result.get\\(\\) within a task"):
+        e2etasks.wait_inside.delay(2).get(timeout=10)
 
 
 def test_warm_shutdown_finishes_running_and_gives_back_the_rest(

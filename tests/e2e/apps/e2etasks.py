@@ -107,7 +107,12 @@ def slow_record(tag: str, seconds: float) -> str:
 
 @app.task(bind=True)
 def spawn_child(self: Any, x: int) -> str:
-    return add.delay(x, x).id
+    return describe.delay().id
+
+
+@app.task
+def wait_inside(x: int) -> int:
+    return int(add.delay(x, x).get(timeout=5))
 
 
 @app.task
