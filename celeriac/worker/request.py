@@ -94,6 +94,22 @@ class Request:
             delivery_count=d.delivery_count,
         )
 
+    def unsupported(self) -> list[str]:
+        """What the message asks for that this version of the worker does not do.
+
+        Such a message still runs (what it asks for is an addition to running it), but the worker
+        says so in its log rather than dropping the request silently.
+        """
+        m = self.message
+        notes = []
+        if m.timelimit != (None, None):
+            notes.append(f"time limits (hard, soft) = {m.timelimit} are not enforced")
+        if m.chain:
+            notes.append(f"the remaining chain of {len(m.chain)} step(s) will not be sent")
+        if m.chord:
+            notes.append("the chord body will not be sent")
+        return notes
+
     def ignores_result(self) -> bool:
         """Whether no result is stored: the message's header, else the task's default."""
         if self.message.ignore_result:

@@ -215,6 +215,8 @@ class Worker:
             if await self._deferred_or_expired(outcome):
                 return
             logger.info("Task %s received", outcome.label())
+            for note in outcome.unsupported():
+                logger.warning("Task %s: %s by this version of celeriac.", outcome.label(), note)
             async with self._slots:
                 self._waiting.pop(tag, None)
                 self._running[tag] = asyncio.current_task()  # type: ignore[assignment]

@@ -274,3 +274,20 @@ def test_two_workers_drain_without_duplicates(start_worker: Any, workdir: Path) 
         f"\n{count} tasks through 2 SQLite workers, send to last result: {elapsed:.2f}s "
         f"({count / elapsed:.0f} tasks/s)"
     )
+
+
+def test_requests_this_version_cannot_honour_are_logged_not_dropped_silently(
+    start_worker: Any, workdir: Path
+) -> None:
+    from celeriac.protocol import TaskMessage, wire
+
+    worker = start_worker()
+    step = {"task": "e2etasks.add", "args": [1], "kwargs": {}, "options": {}, "immutable": False}
+    message = TaskMessage(
+        id="with-extras", task="e2etasks.add", args=[1, 2], timelimit=(10.0, 5.0), chain=[step]
+    )
+    _publish_raw(workdir, wire.encode(message))
+    assert e2etasks.app.AsyncResult("with-extras").get(timeout=10) == 3
+    log = worker.log()
+    assert "time limits (hard, soft) = (10.0, 5.0) are not enforced" in log
+    assert "the remaining chain of 1 step(s) will not be sent" in log
