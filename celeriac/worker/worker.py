@@ -220,7 +220,11 @@ class Worker:
             async with self._slots:
                 self._waiting.pop(tag, None)
                 self._running[tag] = asyncio.current_task()  # type: ignore[assignment]
-                await self._execute(outcome)
+                meta, ack = await self._execute(outcome)
+            # The slot is free for the next task while the result is stored and the message
+            # acked; the message stays held (and counted against the prefetch) until then.
+            assert self.finisher is not None
+            await self.finisher.finish(meta, ack)
         except asyncio.CancelledError:
             # Warm shutdown before the task started, or cold shutdown while it ran: the message
             # goes back to the broker and runs again (a cancelled handler has nothing to finish).
@@ -281,7 +285,8 @@ class Worker:
 
     # -- running and finishing ---------------------------------------------------------------------
 
-    async def _execute(self, request: Request) -> None:
+    async def _execute(self, request: Request) -> tuple[dict[str, Any] | None, Delivery | None]:
+        """Run the task; the result document to store and the delivery to ack afterwards."""
         assert self.broker is not None and self.pool is not None and self.finisher is not None
         task = request.task
         ignore = request.ignores_result()
@@ -317,7 +322,7 @@ class Worker:
                 meta = self._meta(request, states.FAILURE, outcome.value, outcome.traceback)
             await self._send_errbacks(request)
         # Result first, then the ack: a crash in between redelivers, it never loses.
-        await self.finisher.finish(meta, request.delivery if acks_late else None)
+        return meta, request.delivery if acks_late else None
 
     def _meta(
         self, request: Request, state: str, value: Any, traceback: str | None = None
