@@ -8,21 +8,22 @@ Layout of a namespace::
 
     documents: task_id -> _Entry(status, payload: StoredPayload, expires_at: float | None,
                                  version: int)
-    waiters:   task_id -> set of (event loop, future) registered by ``_wait_for_change``
     version:   counter bumped by every write and delete
+
+Coroutines in ``_wait_for_change`` wait in a process-global
+:class:`~celeriac.utils.wakeup.WakeupRegistry` keyed by namespace name, on the task id as channel
+(the memory broker wakes its fetches the same way).
 
 The payload is the document encoded with ``result_serializer`` by the shared template, exactly the
 bytes another store would keep, so a value a real store could not carry fails here too and
 ``result_accept_content`` is enforced on read.
 
-The store *pushes*: a write wakes every waiter of that task through
-``loop.call_soon_threadsafe``, whichever thread or loop wrote it.
+The store *pushes*: a write wakes every waiter of that task at once, whichever thread or loop
+wrote it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import contextvars
 import threading
 import time
@@ -33,6 +34,7 @@ from typing import Any
 from celeriac import exceptions, states
 from celeriac.backends.base import BackendOptions, ResultBackend, StoredPayload
 from celeriac.exceptions import ImproperlyConfigured
+from celeriac.utils.wakeup import WakeupRegistry
 
 #: Expired documents are swept from a namespace once per this many writes, so a long-running
 #: process does not keep every result forever (reads already ignore expired ones).
@@ -52,20 +54,18 @@ class _Entry:
         return self.expires_at is not None and self.expires_at <= now
 
 
-_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
-
-
 @dataclass(slots=True, eq=False)
 class _Namespace:
     lock: threading.Lock = field(default_factory=threading.Lock)
     documents: dict[str, _Entry] = field(default_factory=dict)
-    waiters: dict[str, set[_Waiter]] = field(default_factory=dict)
     version: int = 0
     writes: int = 0
 
 
 _namespaces: dict[str, _Namespace] = {}
 _namespaces_lock = threading.Lock()
+#: ``_wait_for_change`` calls waiting in this process, by namespace name and task id.
+_wakeups = WakeupRegistry()
 
 #: (namespace, task_id, version) of the last ``_read`` in the current task. ``wait`` reads the
 #: document and then calls ``_wait_for_change``; a write landing between the two would otherwise be
@@ -96,11 +96,6 @@ def parse_url(url: str) -> str:
             f"memory result store name must be a plain word (no '/', '?', '#'), got {url!r}"
         )
     return name
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class MemoryBackend(ResultBackend):
@@ -139,7 +134,7 @@ class MemoryBackend(ResultBackend):
 
     def _write_many(self, items: Iterable[tuple[str, str, StoredPayload, float | None]]) -> None:
         namespace = self._ns()
-        to_wake: list[_Waiter] = []
+        changed: list[str] = []
         with namespace.lock:
             now = time.time()
             before = namespace.writes
@@ -156,13 +151,11 @@ class MemoryBackend(ResultBackend):
                 namespace.documents[task_id] = _Entry(
                     status, payload, expires_at, namespace.version
                 )
-                to_wake.extend(namespace.waiters.pop(task_id, ()))
+                changed.append(task_id)
             if namespace.writes // _SWEEP_EVERY != before // _SWEEP_EVERY:
                 self._sweep(namespace, now)
-        for loop, future in to_wake:
-            # The loop may be closed already (its waiter is gone with it); nothing to wake then.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_wake, future)
+        if changed:
+            _wakeups.notify(self.name, changed)
 
     @staticmethod
     def _sweep(namespace: _Namespace, now: float) -> None:
@@ -188,13 +181,12 @@ class MemoryBackend(ResultBackend):
 
     async def _wait_for_change(self, task_id: str, timeout: float) -> None:
         namespace = self._ns()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        waiter: _Waiter = (loop, future)
-        with namespace.lock:
-            entry = namespace.documents.get(task_id)
-            current = 0 if entry is None else entry.version
-            seen = _last_read.get()
+        # Registered before the version check: a write landing after the check wakes the waiter.
+        with _wakeups.waiting(self.name, (task_id,)) as waiter:
+            with namespace.lock:
+                entry = namespace.documents.get(task_id)
+                current = 0 if entry is None else entry.version
+                seen = _last_read.get()
             if (
                 seen is not None
                 and seen[0] is namespace
@@ -202,17 +194,7 @@ class MemoryBackend(ResultBackend):
                 and seen[2] != current
             ):
                 return  # changed since the caller last read it
-            namespace.waiters.setdefault(task_id, set()).add(waiter)
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(future, timeout)
-        finally:
-            with namespace.lock:
-                waiting = namespace.waiters.get(task_id)
-                if waiting is not None:
-                    waiting.discard(waiter)
-                    if not waiting:
-                        del namespace.waiters[task_id]
+            await waiter.wait(timeout)
 
     async def store_many(self, metas: Iterable[dict[str, Any]]) -> None:
         """Store several result documents at once (same rules as :meth:`store` for each)."""

@@ -3,30 +3,28 @@
 Both transports implement the contract of :mod:`celeriac.brokers.base` with the same rules, so the
 memory transport can serve as the reference the conformance suite holds every transport to. What
 they share lives here: argument checks (every bad input is a clear celeriac error), the JSON form of
-headers and properties, lease tokens, and :class:`PublishRequest` for batch publishing.
+headers and properties, and lease tokens. :class:`~celeriac.brokers.base.PublishRequest` belongs to
+the contract in :mod:`celeriac.brokers.base` and is importable from here too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeGuard
+from typing import Any, TypeGuard
 
 from celeriac.brokers._routing import clamp_priority
-from celeriac.brokers.base import BrokerOptions, Delivery, TransportMessage
+from celeriac.brokers.base import BrokerOptions, Delivery, PublishRequest, TransportMessage
 from celeriac.exceptions import ImproperlyConfigured, PublishError
+from celeriac.utils.wakeup import WakeupRegistry
 
-
-class PublishRequest(NamedTuple):
-    """One message of a :meth:`publish_many` batch: the arguments of ``Broker.publish``."""
-
-    message: TransportMessage
-    exchange: str
-    routing_key: str
-    not_before: float | None = None
+#: What a transport's claim returns: the deliveries, and with none, when the next one is due.
+Claimed = tuple[list[Delivery], float | None]
 
 
 @dataclass(slots=True, frozen=True)
@@ -177,6 +175,42 @@ def check_fetch(queues: Sequence[str], max_messages: int, timeout: float) -> tup
     if not _is_real(timeout) or not timeout >= 0:
         raise ImproperlyConfigured(f"fetch timeout must be >= 0 seconds, got {timeout!r}")
     return names
+
+
+async def claim_or_wait(
+    wakeups: WakeupRegistry,
+    key: str,
+    queues: tuple[str, ...],
+    timeout: float,
+    claim: Callable[[], Awaitable[Claimed]],
+    *,
+    poll: tuple[float, float] | None = None,
+) -> list[Delivery]:
+    """The body of ``fetch``: ``claim()`` until it delivers, waiting up to ``timeout`` in all.
+
+    Between attempts it sleeps until woken through ``wakeups`` (a publish, requeue or defer in this
+    process on one of ``queues`` of store ``key``), until the earliest delayed message or lease is
+    due, or — for a store other processes change too — until the next poll: ``poll`` is
+    ``(first pause, longest pause)``, the pause doubling while nothing wakes the fetch.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    first, longest = poll if poll is not None else (math.inf, math.inf)
+    pause = first
+    with wakeups.waiting(key, queues) as waiter:
+        while True:
+            waiter.clear()
+            deliveries, next_due = await claim()
+            if deliveries:
+                return deliveries
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            wait = min(pause, remaining)
+            if next_due is not None:
+                wait = min(wait, max(next_due - time.time(), 0.0))
+            woken = await waiter.wait(wait)
+            pause = first if woken else min(pause * 2, longest)
 
 
 def check_reason(reason: str) -> str:

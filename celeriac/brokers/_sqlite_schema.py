@@ -1,8 +1,9 @@
-"""Storage layout of the SQLite transport, and opening a database file with it.
+"""Storage layout of the SQLite transport: the file format :data:`BROKER_FILE`.
 
 The database file is marked as a celeriac broker (``PRAGMA application_id``) and carries its schema
 version (``PRAGMA user_version``): a file that belongs to something else, or that a newer celeriac
-wrote, is refused with a clear error instead of being altered. Every table and column is documented
+wrote, is refused with a clear error instead of being altered (see :mod:`celeriac.utils.sqlite`,
+which opens the file). Every table and column is documented
 in the ``CREATE`` statements below; SQLite keeps those comments, so ``.schema`` in the ``sqlite3``
 shell shows the documentation next to the data.
 
@@ -24,10 +25,7 @@ or reject with requeue (ready, token cleared), or reject without requeue (moved 
 
 from __future__ import annotations
 
-import os
-import sqlite3
-
-from celeriac.exceptions import ImproperlyConfigured
+from celeriac.utils.sqlite import FileFormat
 
 #: Bumped whenever the layout changes; a database with a higher version is refused.
 SCHEMA_VERSION = 1
@@ -110,75 +108,13 @@ TABLES = (
 )
 
 
-def open_database(path: str, *, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
-    """Open ``path`` as a broker database, creating the schema in a new file.
-
-    Raises ImproperlyConfigured for a file that is not (or not yet) usable by this version, and
-    lets ``sqlite3.Error`` through for the caller to translate.
-    """
-    if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
-        raise ImproperlyConfigured(
-            f"the SQLite broker needs SQLite {'.'.join(map(str, MIN_SQLITE_VERSION))} or newer "
-            f"(for UPDATE … RETURNING); this Python links SQLite {sqlite3.sqlite_version}"
-        )
-    directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
-        raise ImproperlyConfigured(
-            f"SQLite broker database {path}: directory {directory} does not exist "
-            "(celeriac does not create it)"
-        )
-    # isolation_level=None: no implicit transactions; writes use explicit BEGIN IMMEDIATE.
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-    try:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise ImproperlyConfigured(
-                f"SQLite broker database {path}: could not switch to WAL mode (got {mode!r}); "
-                "is it on a network file system?"
-            )
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-        _ensure_schema(conn, path)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
-    # IMMEDIATE: processes starting together create the schema once; the others wait, then check.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if application_id == 0 and version == 0:
-            tables = [
-                row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            ]
-            if tables:
-                raise ImproperlyConfigured(
-                    f"{path} is not a celeriac broker database (it holds tables {tables}); "
-                    "give the broker a file of its own"
-                )
-            for statement in TABLES:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        elif application_id != APPLICATION_ID:
-            raise ImproperlyConfigured(
-                f"{path} is not a celeriac broker database (application_id {application_id:#x}); "
-                "give the broker a file of its own"
-            )
-        elif version > SCHEMA_VERSION:
-            raise ImproperlyConfigured(
-                f"{path} has broker schema version {version}, written by a newer celeriac; "
-                f"this version understands {SCHEMA_VERSION} — upgrade celeriac"
-            )
-        elif version < SCHEMA_VERSION:
-            raise ImproperlyConfigured(
-                f"{path} has unknown broker schema version {version} (expected {SCHEMA_VERSION})"
-            )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+#: What :class:`celeriac.utils.sqlite.ConnectionThread` needs to open, claim and check the file.
+BROKER_FILE = FileFormat(
+    role="broker",
+    application_id=APPLICATION_ID,
+    schema_version=SCHEMA_VERSION,
+    schema=TABLES,
+    min_sqlite_version=MIN_SQLITE_VERSION,
+    needs="UPDATE … RETURNING",
+    options_setting="broker_transport_options",
+)

@@ -1,7 +1,7 @@
 """The SQL of the SQLite transport: every broker operation on one blocking connection.
 
-A :class:`SQLiteStore` owns one ``sqlite3`` connection and is used from one thread only (the
-broker's dedicated executor thread). Every write is one ``BEGIN IMMEDIATE`` transaction, so writers
+A :class:`SQLiteStore` wraps one ``sqlite3`` connection and is used from one thread only (the
+broker's dedicated connection thread). Every write is one ``BEGIN IMMEDIATE`` transaction, so writers
 of all processes take the database's write lock up front and queue behind ``busy_timeout`` instead
 of failing on a lock upgrade. The layout and the two-lane model (ready / waiting) are described in
 :mod:`celeriac.brokers._sqlite_schema`.
@@ -15,15 +15,15 @@ from __future__ import annotations
 import functools
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from celeriac.brokers import _routing
 from celeriac.brokers._common import Outgoing, decode_message, delivery_tag
-from celeriac.brokers._sqlite_schema import open_database
 from celeriac.brokers.base import DeadLetter, Delivery, QueueSpec
 from celeriac.exceptions import ImproperlyConfigured, RoutingError
+from celeriac.utils.sqlite import immediate_transaction
 
 Lease = tuple[int, str]
 
@@ -103,29 +103,19 @@ def _claim_sql(queue_count: int) -> str:
 
 
 class SQLiteStore:
-    """Broker operations on one connection; call from a single thread."""
+    """Broker operations on one connection; call from a single thread.
+
+    The connection is opened, claimed and closed by the broker's
+    :class:`~celeriac.utils.sqlite.ConnectionThread`; this class only holds the SQL.
+    """
+
+    __slots__ = ("conn",)
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
-    @classmethod
-    def open(cls, path: str, *, synchronous: str, busy_timeout: float) -> SQLiteStore:
-        return cls(open_database(path, synchronous=synchronous, busy_timeout=busy_timeout))
-
-    def close(self) -> None:
-        self.conn.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self.conn)
 
     # -- declarations -------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 Delivery semantics are part of the contract, so no transport can be at-most-once by accident:
 
-* :meth:`Broker.publish` returns only once the broker holds the message durably (a commit, a
-  publisher confirm, a reply to the enqueue command); otherwise it raises :class:`PublishError`.
+* :meth:`Broker.publish_many` returns only once the broker holds every message of the batch
+  durably (a commit, publisher confirms, a reply to the enqueue command); otherwise it raises
+  :class:`PublishError` and has stored none of them. :meth:`Broker.publish` is a batch of one.
 * :meth:`Broker.fetch` *leases* messages: a fetched message stays in the broker until it is
   :meth:`acked <Broker.ack>`; if the lease runs out (its worker died) it is delivered again, with
   ``redelivered`` set and ``delivery_count`` counted up. :meth:`Broker.renew` extends the leases of
@@ -25,7 +26,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(slots=True)
@@ -78,6 +79,15 @@ class QueueSpec:
     max_priority: int | None = None
 
 
+class PublishRequest(NamedTuple):
+    """One message of a :meth:`Broker.publish_many` batch: the arguments of :meth:`Broker.publish`."""
+
+    message: TransportMessage
+    exchange: str
+    routing_key: str
+    not_before: float | None = None
+
+
 @dataclass(slots=True, frozen=True)
 class DeadLetter:
     """A message the broker refused to deliver again, with the reason."""
@@ -123,6 +133,13 @@ class Broker(abc.ABC):
         """Create the queue (and its exchange and binding) if it does not exist."""
 
     @abc.abstractmethod
+    async def publish_many(self, items: Sequence[PublishRequest]) -> None:
+        """Store every message of ``items``: all are stored, or none (PublishError).
+
+        Returns once the broker holds them durably. One round trip (one commit) for the batch is
+        what makes publishing many messages cheap.
+        """
+
     async def publish(
         self,
         message: TransportMessage,
@@ -136,6 +153,7 @@ class Broker(abc.ABC):
         ``exchange == ""`` routes to the queue named ``routing_key`` (AMQP's default exchange).
         ``not_before`` (UNIX time) keeps the message invisible until then.
         """
+        await self.publish_many([PublishRequest(message, exchange, routing_key, not_before)])
 
     @abc.abstractmethod
     async def fetch(

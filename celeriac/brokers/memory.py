@@ -16,25 +16,23 @@ count towards ``delivery_count``, which counts deliveries a worker may have acte
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
 from collections.abc import Sequence
 
 from celeriac.brokers import _common, _routing
-from celeriac.brokers._common import PublishRequest
 from celeriac.brokers._memory_store import MemoryStore
-from celeriac.brokers._wakeup import WakeupRegistry
 from celeriac.brokers.base import (
     Broker,
     BrokerOptions,
     DeadLetter,
     Delivery,
+    PublishRequest,
     QueueSpec,
-    TransportMessage,
 )
 from celeriac.exceptions import ConnectionError, ImproperlyConfigured
+from celeriac.utils.wakeup import WakeupRegistry
 
 __all__ = ["MemoryBroker", "PublishRequest"]
 
@@ -108,16 +106,6 @@ class MemoryBroker(Broker):
         _routing.check_queue_spec(queue)
         self._connected().declare(queue)
 
-    async def publish(
-        self,
-        message: TransportMessage,
-        *,
-        exchange: str,
-        routing_key: str,
-        not_before: float | None = None,
-    ) -> None:
-        await self.publish_many([PublishRequest(message, exchange, routing_key, not_before)])
-
     async def publish_many(self, items: Sequence[PublishRequest]) -> None:
         """Publish several messages at once: all are stored, or none (PublishError)."""
         store = self._connected()
@@ -131,29 +119,16 @@ class MemoryBroker(Broker):
     ) -> list[Delivery]:
         names = _common.check_fetch(queues, max_messages, timeout)
         store = self._connected()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        with _wakeups.waiting(self.name, names) as waiter:
-            while True:
-                waiter.clear()
-                now = time.time()
-                deliveries, next_due = store.claim(
-                    names,
-                    max_messages,
-                    _common.new_lease_token(),
-                    now,
-                    now + self.options.visibility_timeout,
-                )
-                if deliveries:
-                    return deliveries
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return []
-                if next_due is not None:
-                    remaining = min(remaining, max(next_due - time.time(), 0.0))
-                # Publishes, requeues and defers in this process set the event; delayed messages
-                # and lease expiries are caught by waking when the earliest one is due.
-                await waiter.wait(remaining)
+        lease_for = self.options.visibility_timeout
+
+        async def claim() -> _common.Claimed:
+            now = time.time()
+            token = _common.new_lease_token()
+            return store.claim(names, max_messages, token, now, now + lease_for)
+
+        # Nothing outside this process changes the store, so no polling: publishes, requeues and
+        # defers wake the fetch, and delayed messages and lease expiries are waited for.
+        return await _common.claim_or_wait(_wakeups, self.name, names, timeout, claim)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         self._connected().ack([_common.lease_of(d, "memory") for d in deliveries])

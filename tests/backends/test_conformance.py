@@ -432,7 +432,7 @@ def test_sqlite_url_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         ((("busy_timeout", -1),), "busy_timeout"),
         ((("busy_timeout", "5"),), "busy_timeout"),
         ((("synchronous", "OFF"),), "synchronous"),
-        ((("global_keyprefix", "x"),), "known options: busy_timeout"),
+        ((("global_keyprefix", "x"),), "Known options: busy_timeout"),
     ],
 )
 def test_sqlite_bad_options(tmp_path: Path, options: Any, match: str) -> None:

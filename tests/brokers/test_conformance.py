@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from celeriac.brokers._common import PublishRequest
 from celeriac.brokers._routing import topic_matches
-from celeriac.brokers.base import Delivery, QueueSpec, TransportMessage
+from celeriac.brokers.base import Delivery, PublishRequest, QueueSpec, TransportMessage
 from celeriac.exceptions import (
     ConnectionError,
     ImproperlyConfigured,

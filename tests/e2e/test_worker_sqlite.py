@@ -208,7 +208,7 @@ def test_task_sent_from_a_task_gets_parent_and_root(start_worker: Any) -> None:
 
 def test_blocking_on_a_result_inside_a_task_is_refused(start_worker: Any) -> None:
     start_worker()
-    with pytest.raises(RuntimeError, match="Never call result.get\\(\\) within a task"):
+    with pytest.raises(RuntimeError, match=r"Never call result.get\(\) within a task"):
         e2etasks.wait_inside.delay(2).get(timeout=10)
 
 
