@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,9 @@ from celeriac.worker.request import Refusal, Request, prepare
 
 if TYPE_CHECKING:
     from celeriac.app.base import Celery
+
+#: Content types whose decoding can execute code chosen by whoever wrote the message.
+UNSAFE_CONTENT = frozenset({"application/x-python-serialize"})
 
 #: Seconds a fetch waits for messages before checking for shutdown.
 FETCH_WAIT = 0.5
@@ -100,6 +104,8 @@ class Worker:
         self._room = asyncio.Event()
         self._stop = asyncio.Event()
         self._cold = False
+        #: Set once the worker consumes (for embedding it: tests, other programs).
+        self.ready = threading.Event()
         self.processed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -124,7 +130,9 @@ class Worker:
         self.finisher = Finisher(broker, backend)
         self.pool = ThreadPool(self.concurrency)
         keeper = asyncio.create_task(self._keep_leases(), name="celeriac-lease-keeper")
+        self._warn_about_unsafe_content()
         logger.info("%s ready.", self.hostname)
+        self.ready.set()
         try:
             await self._consume()
         finally:
@@ -137,6 +145,16 @@ class Worker:
             self._remove_signals(loop)
         logger.info("%s stopped (%d tasks processed).", self.hostname, self.processed)
         return 0
+
+    def _warn_about_unsafe_content(self) -> None:
+        """Say loudly when the worker will decode content that can run code."""
+        unsafe = sorted(self.accept & UNSAFE_CONTENT)
+        if unsafe:
+            logger.warning(
+                "accept_content includes %s: anyone who can write to the broker can run code in "
+                "this worker. Accept only json unless every producer is trusted.",
+                ", ".join(unsafe),
+            )
 
     def _queue_spec(self, queue: str) -> QueueSpec:
         """A consumed queue as Celery declares it: bound to an exchange of its own name, except

@@ -147,7 +147,8 @@ def test_malformed_messages_are_dead_lettered_and_worker_continues(
 def test_design_notes_protocol_v1_pickle_message_runs_when_pickle_accepted(
     start_worker: Any, workdir: Path
 ) -> None:
-    start_worker(env={"E2E_ACCEPT": "json,pickle"})
+    worker = start_worker(env={"E2E_ACCEPT": "json,pickle"})
+    assert "accept_content includes application/x-python-serialize" in worker.log()
     body = {
         "task": "test_celery.add_together",
         "id": "66d5a86b-1d39-4c88-bc98-2c18b2c98a21",

@@ -1,0 +1,1 @@
+"""Optional helpers that are not part of the core API."""
