@@ -5,6 +5,7 @@ objects (headers, properties and the *decoded* body); ``encode`` / ``decode`` ad
 serialization and compression through :mod:`celeriac.codecs`.
 """
 
+from celeriac.protocol.envelope import TransportMessage
 from celeriac.protocol.message import SignatureDict, TaskMessage
 from celeriac.protocol.parse import from_wire_parts
 from celeriac.protocol.v2 import to_v2
@@ -14,6 +15,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
     "SignatureDict",
     "TaskMessage",
+    "TransportMessage",
     "decode",
     "encode",
     "from_wire_parts",

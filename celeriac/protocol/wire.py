@@ -18,8 +18,8 @@ from collections.abc import Collection
 from datetime import datetime, tzinfo
 
 from celeriac import codecs
-from celeriac.brokers.base import TransportMessage
 from celeriac.exceptions import ContentDisallowed, DecodeError
+from celeriac.protocol.envelope import TransportMessage
 from celeriac.protocol.message import TaskMessage
 from celeriac.protocol.parse import from_wire_parts
 from celeriac.protocol.v2 import to_v2

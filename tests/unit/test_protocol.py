@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from celeriac import codecs
-from celeriac.brokers.base import TransportMessage
+from celeriac.protocol.envelope import TransportMessage
 from celeriac.exceptions import ContentDisallowed, DecodeError, InvalidTaskError
 from celeriac.protocol import TaskMessage, decode, encode, from_wire_parts, to_v2
 from celeriac.protocol.saferepr import saferepr

@@ -34,7 +34,7 @@ from kombu import serialization
 from kombu.message import Message
 
 from celeriac import codecs
-from celeriac.brokers.base import TransportMessage
+from celeriac.protocol.envelope import TransportMessage
 from celeriac.exceptions import ContentDisallowed
 from celeriac.protocol import TaskMessage, decode, encode
 
