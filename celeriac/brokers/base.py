@@ -28,8 +28,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-# Re-exported: the message is part of the broker contract.
-from celeriac.protocol.envelope import TransportMessage as TransportMessage
+from celeriac.protocol.envelope import TransportMessage
+
+# TransportMessage is re-exported: the message is part of the broker contract.
+__all__ = [
+    "Broker",
+    "BrokerOptions",
+    "DeadLetter",
+    "Delivery",
+    "PublishRequest",
+    "QueueSpec",
+    "TransportMessage",
+]
 
 
 @dataclass(slots=True)

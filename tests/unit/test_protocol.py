@@ -16,9 +16,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from celeriac import codecs
-from celeriac.protocol.envelope import TransportMessage
 from celeriac.exceptions import ContentDisallowed, DecodeError, InvalidTaskError
 from celeriac.protocol import TaskMessage, decode, encode, from_wire_parts, to_v2
+from celeriac.protocol.envelope import TransportMessage
 from celeriac.protocol.saferepr import saferepr
 from celeriac.protocol.times import as_utc, format_iso8601, milliseconds_until, parse_iso8601
 

@@ -34,9 +34,9 @@ from kombu import serialization
 from kombu.message import Message
 
 from celeriac import codecs
-from celeriac.protocol.envelope import TransportMessage
 from celeriac.exceptions import ContentDisallowed
 from celeriac.protocol import TaskMessage, decode, encode
+from celeriac.protocol.envelope import TransportMessage
 
 ACCEPT_ALL = codecs.resolve_accept(["json", "pickle", "msgpack", "yaml"])
 KOMBU_ACCEPT = [
