@@ -48,7 +48,9 @@ def main() -> int:
         started = time.perf_counter()
         result = add.delay(30, 42)
         print(f"add.delay(30, 42).get(timeout=10) -> {result.get(timeout=10)}")
-        print(f"  (first result, including worker start-up: {time.perf_counter() - started:.2f}s)")
+        print(
+            f"  (sent to result in {time.perf_counter() - started:.2f}s, worker start-up overlapping)"
+        )
         print(
             f"fetch_greeting.delay('world') (async def) -> {fetch_greeting.delay('world').get(timeout=10)!r}"
         )
