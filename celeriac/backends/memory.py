@@ -34,13 +34,12 @@ from typing import Any
 from celeriac import exceptions, states
 from celeriac.backends.base import BackendOptions, ResultBackend, StoredPayload
 from celeriac.exceptions import ImproperlyConfigured
+from celeriac.utils.memory_url import parse_memory_url
 from celeriac.utils.wakeup import WakeupRegistry
 
 #: Expired documents are swept from a namespace once per this many writes, so a long-running
 #: process does not keep every result forever (reads already ignore expired ones).
 _SWEEP_EVERY = 1000
-
-_SCHEME = "memory://"
 
 
 @dataclass(slots=True)
@@ -84,20 +83,6 @@ def _namespace(name: str) -> _Namespace:
         return namespace
 
 
-def parse_url(url: str) -> str:
-    """The namespace name of a ``memory://[name]`` URL."""
-    if url[: len(_SCHEME)].lower() != _SCHEME:
-        raise ImproperlyConfigured(
-            f"memory result store URL must look like 'memory://' or 'memory://<name>', got {url!r}"
-        )
-    name = url[len(_SCHEME) :]
-    if "/" in name or "?" in name or "#" in name:
-        raise ImproperlyConfigured(
-            f"memory result store name must be a plain word (no '/', '?', '#'), got {url!r}"
-        )
-    return name
-
-
 class MemoryBackend(ResultBackend):
     """Result store kept in this process's memory; shared by every instance with the same name."""
 
@@ -110,7 +95,7 @@ class MemoryBackend(ResultBackend):
                 "the memory result store takes no transport options, got "
                 f"{sorted(key for key, _ in options.transport_options)}"
             )
-        self.name = parse_url(url)
+        self.name = parse_memory_url(url, "result store")
         self._namespace: _Namespace | None = None
 
     async def connect(self) -> None:

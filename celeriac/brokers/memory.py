@@ -31,12 +31,11 @@ from celeriac.brokers.base import (
     PublishRequest,
     QueueSpec,
 )
-from celeriac.exceptions import ConnectionError, ImproperlyConfigured
+from celeriac.exceptions import ConnectionError
+from celeriac.utils.memory_url import parse_memory_url
 from celeriac.utils.wakeup import WakeupRegistry
 
 __all__ = ["MemoryBroker", "PublishRequest"]
-
-_SCHEME = "memory://"
 
 
 class _Stores:
@@ -65,20 +64,6 @@ _stores = _Stores()
 _wakeups = WakeupRegistry()
 
 
-def parse_memory_url(url: str) -> str:
-    """The store name of a ``memory://[name]`` URL."""
-    if not isinstance(url, str) or not url.startswith(_SCHEME):
-        raise ImproperlyConfigured(
-            f"expected a broker URL of the form memory://[name], got {url!r}"
-        )
-    name = url[len(_SCHEME) :]
-    if "?" in name or "#" in name:
-        raise ImproperlyConfigured(
-            f"the memory transport takes no URL options; expected memory://[name], got {url!r}"
-        )
-    return name
-
-
 class MemoryBroker(Broker):
     """A broker whose queues live in this process, shared by name."""
 
@@ -88,7 +73,7 @@ class MemoryBroker(Broker):
         super().__init__(url, options)
         _common.check_options(options)
         _common.check_no_transport_options("memory", options)
-        self.name = parse_memory_url(url)
+        self.name = parse_memory_url(url, "broker")
         self._store: MemoryStore | None = None
 
     def _connected(self) -> MemoryStore:

@@ -280,3 +280,16 @@ def test_unserializable_arguments_fail_at_the_caller() -> None:
     with pytest.raises(EncodeError):
         echo.delay(object())
     app.close()
+
+
+@pytest.mark.parametrize("url", ["memory:/x", "memory://a/b", "memory://a?x=1", "memory://a#f"])
+def test_memory_urls_are_plain_names_for_broker_and_result_store(url: str) -> None:
+    from celeriac.backends.base import BackendOptions
+    from celeriac.backends.memory import MemoryBackend
+    from celeriac.brokers.base import BrokerOptions
+    from celeriac.brokers.memory import MemoryBroker
+
+    with pytest.raises(ImproperlyConfigured, match="memory broker"):
+        MemoryBroker(url, BrokerOptions())
+    with pytest.raises(ImproperlyConfigured, match="memory result store"):
+        MemoryBackend(url, BackendOptions())
