@@ -31,7 +31,6 @@ Stored results use an in-band marker instead of a header (Celery 5.7 ``result_co
 from __future__ import annotations
 
 import bz2
-import importlib
 import lzma
 import zlib
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from types import ModuleType
 from typing import Any
 
 from celeriac.exceptions import DecodeError, ImproperlyConfigured
+from celeriac.utils.optional import optional_module
 
 GZIP = "application/x-gzip"
 BZ2 = "application/x-bz2"
@@ -90,13 +90,8 @@ def _optional(mime: str) -> ModuleType:
     else:
         candidates = ["compression.zstd", "backports.zstd"]
         package = "backports.zstd"
-    for name in candidates:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise ImproperlyConfigured(
-        f"{mime} compression needs the {package} package: pip install {package}"
+    return optional_module(
+        *candidates, purpose=f"{mime} compression", package=package, install=package
     )
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-from celeriac.exceptions import EncodeError, ImproperlyConfigured
+from celeriac.exceptions import EncodeError
+from celeriac.utils.optional import optional_module
 
 CONTENT_TYPE = "application/x-msgpack"
 CONTENT_ENCODING = "binary"
@@ -17,13 +18,12 @@ CONTENT_ENCODING = "binary"
 
 def _module() -> Any:  # msgpack ships no type information
     # Imported at use, not at import time: celeriac works without msgpack unless it is chosen.
-    try:
-        import msgpack
-    except ImportError as exc:
-        raise ImproperlyConfigured(
-            "the msgpack serializer needs the msgpack package: pip install 'celeriac[msgpack]'"
-        ) from exc
-    return msgpack
+    return optional_module(
+        "msgpack",
+        purpose="the msgpack serializer",
+        package="msgpack",
+        install="'celeriac[msgpack]'",
+    )
 
 
 def _unsupported(value: Any) -> NoReturn:

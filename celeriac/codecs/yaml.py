@@ -7,24 +7,20 @@ dependency (extra ``yaml``).
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
-from celeriac.exceptions import EncodeError, ImproperlyConfigured
+from celeriac.exceptions import EncodeError
+from celeriac.utils.optional import optional_module
 
 CONTENT_TYPE = "application/x-yaml"
 CONTENT_ENCODING = "utf-8"
 
 
-def _module() -> ModuleType:
+def _module() -> Any:  # typed as Any: the yaml module is used through its attributes
     # Imported at use, not at import time: celeriac works without PyYAML unless it is chosen.
-    try:
-        import yaml
-    except ImportError as exc:
-        raise ImproperlyConfigured(
-            "the yaml serializer needs the PyYAML package: pip install 'celeriac[yaml]'"
-        ) from exc
-    return yaml
+    return optional_module(
+        "yaml", purpose="the yaml serializer", package="PyYAML", install="'celeriac[yaml]'"
+    )
 
 
 def encode(value: Any) -> bytes:
