@@ -454,6 +454,12 @@ class Worker:
         for handler in waiting:
             handler.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
+        # A handler cancelled before its first step never runs, so it cannot give its message
+        # back itself (this happens to the messages of a fetch that returned as the stop came).
+        for tag, delivery in list(self._held.items()):
+            if tag not in self._running:
+                del self._held[tag]
+                await self._give_back(delivery)
         running = list(self._running.values())
         if running:
             logger.info("Waiting for %d running task(s) to finish.", len(running))

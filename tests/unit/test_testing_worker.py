@@ -70,3 +70,34 @@ def test_a_worker_that_cannot_start_raises_in_the_test() -> None:
     app = Celery("broken", broker="nope://", backend="memory://", set_as_current=False)
     with pytest.raises(Exception, match="No broker transport for nope://"), start_worker(app):
         pass
+
+
+def test_warm_shutdown_gives_back_messages_whose_handler_never_started() -> None:
+    """A fetch that returns as the stop arrives leaves handlers cancelled before their first
+    step; their messages must still go back to the broker at once, not wait for the lease."""
+    from celeriac.brokers.base import BrokerOptions, TransportMessage
+    from celeriac.brokers.memory import MemoryBroker
+    from celeriac.worker import Worker
+
+    url = f"memory://{uuid.uuid4()}"
+    app = make_app(url, url)
+
+    async def scenario() -> int:
+        broker = MemoryBroker(url, BrokerOptions(visibility_timeout=60))
+        await broker.connect()
+        await broker.publish(
+            TransportMessage(b"[[1, 2], {}, null]", "application/json", "utf-8"),
+            exchange="",
+            routing_key="celery",
+        )
+        worker = Worker(app)
+        worker.broker = broker
+        for delivery in await broker.fetch(["celery"], 1, 1.0):
+            worker._held[delivery.delivery_tag] = delivery
+            handler = asyncio.create_task(worker._handle(delivery))
+            worker._waiting[delivery.delivery_tag] = handler
+        assert await broker.size("celery") == 0  # leased
+        await worker._shutdown()  # cancels the handler before it ever ran
+        return await broker.size("celery")
+
+    assert asyncio.run(scenario()) == 1
