@@ -154,9 +154,7 @@ def build(
                 "use the matching apply_async option (task_id=, eta=, expires=, shadow=, ...) instead"
             )
 
-    route_options = routing.lookup_route(
-        conf.task_routes, name, list(args or ()), dict(kwargs or {}), options
-    )
+    route_options = routing.lookup_route(conf.task_routes, name, args or (), kwargs or {}, options)
     queue = options.get("queue") or route_options.get("queue") or (task.queue if task else None)
     exchange = (
         options.get("exchange")

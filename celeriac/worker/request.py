@@ -58,6 +58,9 @@ class Request:
         """``tasks.add[<id>]``, as in Celery's log lines."""
         return f"{self.name}[{self.id}]"
 
+    # Log calls pass the request itself, so the label is only built for lines that are emitted.
+    __str__ = label
+
     def context(self) -> Context:
         """The ``self.request`` a bound task sees."""
         m = self.message

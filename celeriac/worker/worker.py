@@ -232,9 +232,9 @@ class Worker:
                 return
             if await self._deferred_or_expired(outcome):
                 return
-            logger.info("Task %s received", outcome.label())
+            logger.info("Task %s received", outcome)
             for note in outcome.unsupported():
-                logger.warning("Task %s: %s by this version of celeriac.", outcome.label(), note)
+                logger.warning("Task %s: %s by this version of celeriac.", outcome, note)
             async with self._slots:
                 self._waiting.pop(tag, None)
                 self._running[tag] = asyncio.current_task()  # type: ignore[assignment]
@@ -288,7 +288,7 @@ class Worker:
         message = request.message
         now = datetime.now(UTC)
         if message.expires is not None and message.expires <= now:
-            logger.info("Task %s expired at %s: revoked, not run", request.label(), message.expires)
+            logger.info("Task %s expired at %s: revoked, not run", request, message.expires)
             if not request.ignores_result():
                 await self._store(
                     build_meta(message.id, states.REVOKED, TaskRevokedError("expired"))
@@ -323,16 +323,14 @@ class Worker:
         if outcome.retry is not None:
             meta = await self._retry(request, outcome)
         elif outcome.state == states.SUCCESS:
-            logger.info(
-                "Task %s succeeded in %.4fs: %r", request.label(), outcome.runtime, outcome.value
-            )
+            logger.info("Task %s succeeded in %.4fs: %r", request, outcome.runtime, outcome.value)
             if not ignore:
                 meta = self._meta(request, states.SUCCESS, outcome.value)
             await self._send_callbacks(request, outcome.value)
         else:
             logger.error(
                 "Task %s raised unexpected: %r\n%s",
-                request.label(),
+                request,
                 outcome.value,
                 outcome.traceback,
             )
@@ -398,7 +396,7 @@ class Worker:
         await self.broker.publish(
             transport, exchange="", routing_key=request.delivery.queue, not_before=eta.timestamp()
         )
-        logger.info("Task %s retry: %s", request.label(), retry)
+        logger.info("Task %s retry: %s", request, retry)
         if request.ignores_result():
             return None
         cause = retry.exc if retry.exc is not None else retry
@@ -421,9 +419,7 @@ class Worker:
             try:
                 await self.app.asend_task(sig.task, args, sig.kwargs, **options)
             except CeleriacError as exc:
-                logger.error(
-                    "Could not send linked task %s of %s: %s", sig.task, request.label(), exc
-                )
+                logger.error("Could not send linked task %s of %s: %s", sig.task, request, exc)
 
     async def _send_callbacks(self, request: Request, value: Any) -> None:
         if request.message.callbacks:
