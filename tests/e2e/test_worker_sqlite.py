@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import pickle
 import signal
 import sqlite3
@@ -18,6 +20,8 @@ from celeriac.brokers.sqlite import SQLiteBroker
 from celeriac.exceptions import NotRegistered, RemoteTaskError, TaskRevokedError
 
 pytestmark = pytest.mark.e2e
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 
 
 def _publish_raw(workdir: Path, message: TransportMessage, queue: str = "celery") -> None:
@@ -149,23 +153,13 @@ def test_design_notes_protocol_v1_pickle_message_runs_when_pickle_accepted(
 ) -> None:
     worker = start_worker(env={"E2E_ACCEPT": "json,pickle"})
     assert "accept_content includes application/x-python-serialize" in worker.log()
-    body = {
-        "task": "test_celery.add_together",
-        "id": "66d5a86b-1d39-4c88-bc98-2c18b2c98a21",
-        "args": (9, 42),
-        "kwargs": {},
-        "retries": 0,
-        "eta": None,
-        "expires": None,
-        "utc": True,
-        "callbacks": None,
-        "errbacks": None,
-        "timelimit": (None, None),
-        "taskset": None,
-        "chord": None,
-    }
-    raw = pickle.dumps(body, protocol=2)
-    _publish_raw(workdir, TransportMessage(raw, "application/x-python-serialize", "binary", {}))
+    # The design notes' message, byte for byte as kept with the protocol's golden captures.
+    golden = json.loads((GOLDEN / "v1_legacy_pickle.json").read_text())
+    raw = base64.b64decode(golden["body_base64"])
+    assert pickle.loads(raw)["args"] == (9, 42)
+    _publish_raw(
+        workdir, TransportMessage(raw, golden["content_type"], golden["content_encoding"], {})
+    )
     result = e2etasks.app.AsyncResult("66d5a86b-1d39-4c88-bc98-2c18b2c98a21")
     assert result.get(timeout=10) == 51
 
