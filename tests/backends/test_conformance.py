@@ -6,7 +6,6 @@ Store-specific checks (URLs, options, several processes on one SQLite file) foll
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import textwrap
 import threading
 import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from celeriac.backends.base import BackendOptions
 from celeriac.backends.memory import MemoryBackend
 from celeriac.backends.meta import build_meta, exception_from_meta
 from celeriac.backends.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteBackend
+from tests.forking import run_in_fork_child
 
 JSON = "application/json"
 PICKLE = "application/x-python-serialize"
@@ -677,18 +676,7 @@ def test_sqlite_store_connected_before_fork_works_in_the_child(tmp_path: Path) -
         await backend.store(build_meta(task_id, states.SUCCESS, "from child"))
         await backend.close()
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads running
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            asyncio.run(use_in_child())
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert run_in_fork_child(use_in_child) == 0
 
     async def check() -> None:
         meta = await backend.get(task_id)

@@ -13,7 +13,6 @@ import os
 import signal
 import sqlite3
 import time
-import warnings
 from collections.abc import Callable
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -26,6 +25,7 @@ from celeriac.brokers.base import BrokerOptions, Delivery, PublishRequest
 from celeriac.brokers.sqlite import SQLiteBroker
 from celeriac.exceptions import ConnectionError, ImproperlyConfigured, PublishError
 from tests.brokers.conftest import bodies, message
+from tests.forking import run_in_fork_child
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -177,19 +177,7 @@ def test_a_broker_inherited_through_fork_reconnects_in_the_child(tmp_path: Path)
         await broker.publish(message("from child"), exchange="", routing_key="q")
         await broker.close()
 
-    with warnings.catch_warnings():
-        # Python 3.12+ warns about fork() with threads running; this test is about exactly that.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            run(in_child)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert run_in_fork_child(in_child) == 0
 
     async def check() -> None:
         got = await broker.fetch(["q"], 10, 0)
