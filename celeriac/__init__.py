@@ -12,6 +12,7 @@ from celeriac import states
 from celeriac.app.base import App, Celery
 from celeriac.app.canvas import Signature, signature
 from celeriac.app.context import Context
+from celeriac.app.queues import Exchange, Queue
 from celeriac.app.result import AsyncResult, EagerResult
 from celeriac.app.shared import current_app, shared_task
 from celeriac.app.task import Task
@@ -24,6 +25,8 @@ __all__ = [
     "Celery",
     "Context",
     "EagerResult",
+    "Exchange",
+    "Queue",
     "Signature",
     "Task",
     "__version__",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import threading
@@ -13,8 +14,9 @@ from typing import Any, TypeVar, overload
 
 from celeriac import codecs
 from celeriac._portal import portal
-from celeriac.app import aliases, calling, shared
+from celeriac.app import aliases, calling, queues, routing, shared
 from celeriac.app.config import Settings
+from celeriac.app.publishing import publish_with_retry
 from celeriac.app.registry import TaskRegistry
 from celeriac.app.result import AsyncResult
 from celeriac.app.task import P, R, Task
@@ -243,23 +245,35 @@ class Celery:
     # -- sending -----------------------------------------------------------------------------------
 
     async def _publish(self, outgoing: calling.Outgoing) -> None:
-        broker = await self.abroker()
-        conns = self._loop_connections()
-        route = outgoing.route
-        if route.exchange and route.queue not in conns.declared:
-            await broker.declare(
-                QueueSpec(name=route.queue, exchange=route.exchange, routing_key=route.routing_key)
-            )
-            conns.declared.add(route.queue)
+        # Encoding errors are the caller's and are raised at once; only reaching the broker
+        # (connecting, declaring, publishing) is retried.
         transport_message = wire.encode(
             outgoing.message, serializer=outgoing.serializer, compression=outgoing.compression
         )
-        await broker.publish(
-            transport_message,
-            exchange=route.exchange,
-            routing_key=route.routing_key,
-            not_before=outgoing.not_before,
+        route = outgoing.route
+
+        async def attempt() -> None:
+            broker = await self.abroker()
+            conns = self._loop_connections()
+            if route.exchange and route.queue not in conns.declared:
+                await broker.declare(self._declaration(route))
+                conns.declared.add(route.queue)
+            await broker.publish(
+                transport_message,
+                exchange=route.exchange,
+                routing_key=route.routing_key,
+                not_before=outgoing.not_before,
+            )
+
+        await publish_with_retry(
+            attempt, outgoing.retry_policy, f"task {outgoing.message.task}[{outgoing.message.id}]"
         )
+
+    def _declaration(self, route: routing.Route) -> QueueSpec:
+        """How a client declares the queue of a route through a named exchange."""
+        if queues.defined_queue(self.conf, route.queue) is not None:
+            return queues.queue_spec(self.conf, route.queue)
+        return QueueSpec(name=route.queue, exchange=route.exchange, routing_key=route.routing_key)
 
     def _prepare(
         self,
@@ -316,5 +330,11 @@ _C = TypeVar("_C", Broker, ResultBackend)
 
 
 async def _connected(connection: _C) -> _C:
-    await connection.connect()
+    try:
+        await connection.connect()
+    except BaseException:
+        # Release whatever the failed attempt opened; the next call starts afresh.
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise
     return connection

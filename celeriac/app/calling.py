@@ -17,6 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from celeriac.app import routing
 from celeriac.app.canvas import as_signature_list
 from celeriac.app.context import current_request
+from celeriac.app.publishing import NO_RETRY, RetryPolicy, parse_retry_policy
+from celeriac.app.queues import defined_queue
 from celeriac.exceptions import ImproperlyConfigured, UnknownOptionError
 from celeriac.protocol.message import TaskMessage
 from celeriac.protocol.v2 import default_origin
@@ -50,6 +52,8 @@ CALL_OPTIONS: dict[str, str] = {
     "group_id": "id of the group this task belongs to",
     "group_index": "position in its group",
     "reply_to": "reply queue name carried in the message",
+    "retry": "retry the publish while the broker is unreachable (default task_publish_retry)",
+    "retry_policy": "how to retry the publish (default task_publish_retry_policy)",
 }
 
 
@@ -63,6 +67,8 @@ class Outgoing:
     compression: str | None
     #: UNIX time before which the broker keeps the message invisible.
     not_before: float | None
+    #: How the publish is retried while the broker is unreachable.
+    retry_policy: RetryPolicy = NO_RETRY
 
 
 def check_options(options: Mapping[str, Any], task_name: str) -> None:
@@ -166,6 +172,13 @@ def build(
         or route_options.get("routing_key")
         or (task.routing_key if task else None)
     )
+    if queue and not exchange and not routing_key:
+        # A queue declared in task_queues with a topic or fanout exchange is reached through its
+        # exchange; a direct one through the default exchange, by name (as Celery publishes).
+        declared = defined_queue(conf, queue)
+        if declared is not None and declared.exchange_obj.type != "direct":
+            spec = declared.spec(conf)
+            exchange, routing_key = spec.exchange, spec.routing_key
     route = routing.resolve(
         queue=queue,
         exchange=exchange,
@@ -216,4 +229,23 @@ def build(
         serializer=serializer,
         compression=compression,
         not_before=eta.timestamp() if eta is not None and eta > now else None,
+        retry_policy=_retry_policy(conf, options),
     )
+
+
+def _retry_policy(conf: Settings, options: Mapping[str, Any]) -> RetryPolicy:
+    """The publish retry policy of one call: ``retry=``/``retry_policy=`` over the settings."""
+    retry = options.get("retry")
+    if retry is None:
+        retry = conf.task_publish_retry
+    if not isinstance(retry, bool):
+        raise ImproperlyConfigured(f"retry must be True or False, got {retry!r}")
+    if not retry:
+        return NO_RETRY
+    policy = dict(conf.task_publish_retry_policy)
+    given = options.get("retry_policy")
+    if given is not None:
+        if not isinstance(given, Mapping):
+            raise ImproperlyConfigured(f"retry_policy must be a dict, got {given!r}")
+        policy.update(given)
+    return parse_retry_policy(policy, "retry_policy")

@@ -24,6 +24,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
+from celeriac.app.queues import Queue, check_task_queues
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.utils.suggest import did_you_mean
 
@@ -95,6 +96,28 @@ def _mapping(value: Any, name: str) -> dict[str, Any]:
     raise ImproperlyConfigured(f"{name} must be a mapping, not {value!r}")
 
 
+def _retry_policy(value: Any, name: str) -> dict[str, Any]:
+    from celeriac.app.publishing import parse_retry_policy
+
+    policy = parse_retry_policy(value, name)
+    return {
+        "max_retries": policy.max_retries,
+        "interval_start": policy.interval_start,
+        "interval_step": policy.interval_step,
+        "interval_max": policy.interval_max,
+    }
+
+
+def _task_queues(value: Any, name: str) -> list[Queue]:
+    return check_task_queues(value, name)
+
+
+def _queue_type(value: Any, name: str) -> str:
+    if value not in ("classic", "quorum"):
+        raise ImproperlyConfigured(f"{name} must be 'classic' or 'quorum', got {value!r}")
+    return str(value)
+
+
 def _routes(value: Any, name: str) -> Any:
     if value is None or isinstance(value, Mapping | list | tuple) or callable(value):
         return value
@@ -148,6 +171,19 @@ class _SettingsFields:
     task_default_routing_key: str | None = _doc(
         "Routing key of the default queue. None: the queue's name.", None
     )
+    task_queues: list[Queue] = _doc(
+        "Queue declarations: celeriac.Queue(name, Exchange(name, type=direct|topic|fanout), "
+        "routing_key, max_priority=, queue_arguments={'x-queue-type': 'quorum'}). Queues not "
+        "listed get a direct exchange of their own name.",
+        factory=list,
+    )
+    task_queue_max_priority: int | None = _doc(
+        "x-max-priority of queues that set none (RabbitMQ priority queues). None: no priorities.",
+        None,
+    )
+    task_default_queue_type: str = _doc(
+        "RabbitMQ queue type of declared queues: classic or quorum.", "classic"
+    )
     task_default_priority: int | None = _doc("Priority of tasks that give none (0-9).", None)
     task_routes: Any = _doc(
         "Routes: {'name or glob': {'queue': ...}}, a router callable "
@@ -158,6 +194,21 @@ class _SettingsFields:
         "Acknowledge a task after it ran (at-least-once). celeriac default True; Celery's is "
         "False, which loses the task if its worker dies.",
         True,
+    )
+    task_publish_retry: bool = _doc(
+        "Retry a publish while the broker is unreachable (per task_publish_retry_policy); "
+        "it raises once the retries are spent, never reporting an unsent message as sent.",
+        True,
+    )
+    task_publish_retry_policy: dict[str, Any] = _doc(
+        "max_retries (3, None = for ever), interval_start (0 s), interval_step (0.2 s), "
+        "interval_max (0.2 s) of publish retries.",
+        factory=lambda: {
+            "max_retries": 3,
+            "interval_start": 0.0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
     )
     task_ignore_result: bool = _doc("Store no results unless a task says otherwise.", False)
     task_store_errors_even_if_ignored: bool = _doc(
@@ -195,9 +246,14 @@ _VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
     "task_default_exchange": _optional_str,
     "task_default_exchange_type": _str,
     "task_default_routing_key": _optional_str,
+    "task_queues": _task_queues,
+    "task_queue_max_priority": _optional_int,
+    "task_default_queue_type": _queue_type,
     "task_default_priority": _optional_int,
     "task_routes": _routes,
     "task_acks_late": _bool,
+    "task_publish_retry": _bool,
+    "task_publish_retry_policy": _retry_policy,
     "task_ignore_result": _bool,
     "task_store_errors_even_if_ignored": _bool,
     "task_track_started": _bool,

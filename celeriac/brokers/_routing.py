@@ -29,6 +29,10 @@ EXCHANGE_TYPES = frozenset({"direct", "fanout", "topic"})
 MAX_PRIORITY = 255
 
 
+#: RabbitMQ's ``x-queue-type`` values celeriac declares; the other transports treat both alike.
+QUEUE_TYPES = frozenset({"classic", "quorum"})
+
+
 def check_queue_spec(spec: QueueSpec) -> None:
     """Raise ImproperlyConfigured for a queue declaration these transports cannot honour."""
     if not isinstance(spec.name, str) or not spec.name:
@@ -42,6 +46,11 @@ def check_queue_spec(spec: QueueSpec) -> None:
         raise ImproperlyConfigured(
             f"queue {spec.name!r}: the default exchange '' always routes by queue name; "
             f"routing key {spec.routing_key!r} would never match (name an exchange to bind it)"
+        )
+    if spec.queue_type not in QUEUE_TYPES:
+        raise ImproperlyConfigured(
+            f"queue {spec.name!r}: queue type {spec.queue_type!r} is not supported; "
+            f"use one of {sorted(QUEUE_TYPES)}"
         )
     if spec.max_priority is not None and (
         not isinstance(spec.max_priority, int) or not 0 <= spec.max_priority <= MAX_PRIORITY

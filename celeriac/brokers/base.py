@@ -69,6 +69,8 @@ class QueueSpec:
     exchange_type: str = "direct"
     durable: bool = True
     max_priority: int | None = None
+    #: ``"classic"`` or ``"quorum"`` (RabbitMQ's ``x-queue-type``); other transports ignore it.
+    queue_type: str = "classic"
 
 
 class PublishRequest(NamedTuple):

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from celeriac import codecs, states
 from celeriac.app.calling import CALL_OPTIONS
 from celeriac.app.canvas import Signature
+from celeriac.app.queues import queue_spec
 from celeriac.backends.base import ResultBackend
 from celeriac.backends.meta import build_meta
 from celeriac.brokers.base import Broker, Delivery, QueueSpec
@@ -157,17 +158,8 @@ class Worker:
             )
 
     def _queue_spec(self, queue: str) -> QueueSpec:
-        """A consumed queue as Celery declares it: bound to an exchange of its own name, except
-        the default queue, which follows the ``task_default_exchange*`` settings."""
-        conf = self.app.conf
-        if queue == conf.task_default_queue:
-            return QueueSpec(
-                name=queue,
-                exchange=conf.task_default_exchange or queue,
-                routing_key=conf.task_default_routing_key or queue,
-                exchange_type=conf.task_default_exchange_type,
-            )
-        return QueueSpec(name=queue, exchange=queue, routing_key=queue)
+        """A consumed queue as Celery declares it (see :func:`celeriac.app.queues.queue_spec`)."""
+        return queue_spec(self.app.conf, queue)
 
     def stop(self, cold: bool = False) -> None:
         """Ask the worker to stop: warm (finish running tasks) or cold (give them back)."""
