@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -38,8 +39,9 @@ from celeriac.app.queues import queue_spec
 from celeriac.backends.base import ResultBackend
 from celeriac.backends.meta import build_meta
 from celeriac.brokers.base import Broker, Delivery, QueueSpec
-from celeriac.exceptions import CeleriacError, TaskRevokedError
+from celeriac.exceptions import CeleriacError, ConnectionError, TaskRevokedError
 from celeriac.protocol import wire
+from celeriac.utils.redact import redact_url
 from celeriac.worker import execution
 from celeriac.worker.finisher import Finisher
 from celeriac.worker.logs import logger
@@ -120,12 +122,17 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         broker = self.app.create_broker()
-        await broker.connect()
-        self.broker = broker
-        for queue in self.queues:
-            await broker.declare(self._queue_spec(queue))
         backend = self.app.create_result_store()
-        await backend.connect()
+        if not await self._connect("broker", broker.url, lambda: self._open_broker(broker)):
+            await broker.close()
+            self._remove_signals(loop)
+            return 0
+        self.broker = broker
+        if not await self._connect("result store", backend.url, backend.connect):
+            await broker.close()
+            await backend.close()
+            self._remove_signals(loop)
+            return 0
         self.backend = backend
         self.app.use_connections(broker, backend)
         self.finisher = Finisher(broker, backend)
@@ -146,6 +153,41 @@ class Worker:
             self._remove_signals(loop)
         logger.info("%s stopped (%d tasks processed).", self.hostname, self.processed)
         return 0
+
+    async def _open_broker(self, broker: Broker) -> None:
+        await broker.connect()
+        await self._declare_queues(broker)
+
+    async def _declare_queues(self, broker: Broker) -> None:
+        for queue in self.queues:
+            await broker.declare(self._queue_spec(queue))
+
+    async def _connect(self, what: str, url: str, open_: Callable[[], Awaitable[None]]) -> bool:
+        """Open a connection, retrying with backoff while the server is unreachable.
+
+        A worker started before its broker (a container starting first, a broker restarting)
+        waits for it rather than exiting. Returns False when a stop came first.
+        """
+        delay = 1.0
+        while True:
+            try:
+                await open_()
+                return True
+            except ConnectionError as exc:
+                if self._stop.is_set():
+                    return False
+                logger.error(
+                    "Cannot connect to the %s at %s (%s); retrying in %.0fs.",
+                    what,
+                    redact_url(url),
+                    exc,
+                    delay,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                return False
+            delay = min(delay * 2, 30.0)
 
     def _warn_about_unsafe_content(self) -> None:
         """Say loudly when the worker will decode content that can run code."""
@@ -193,6 +235,7 @@ class Worker:
         assert self.broker is not None
         backoff = 0.5
         rotation = 0
+        lost = False
         while not self._stop.is_set():
             room = self.prefetch - len(self._held)
             if room <= 0:
@@ -208,7 +251,16 @@ class Worker:
                 logger.error("Cannot fetch from the broker (%s); retrying in %.1fs.", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+                lost = True
                 continue
+            if lost:
+                # Back after an outage: the broker may have restarted without its bindings.
+                lost = False
+                logger.info("Connection to the broker is back; consuming again.")
+                try:
+                    await self._declare_queues(self.broker)
+                except CeleriacError as exc:
+                    logger.warning("Could not declare the queues again: %s", exc)
             backoff = 0.5
             for delivery in deliveries:
                 self._held[delivery.delivery_tag] = delivery
