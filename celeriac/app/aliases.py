@@ -23,16 +23,13 @@ BROKER_ALIASES: dict[str, str] = {
 BACKEND_ALIASES: dict[str, str] = {
     "memory": "celeriac.backends.memory:MemoryBackend",
     "sqlite": "celeriac.backends.sqlite:SQLiteBackend",
+    "rpc": "celeriac.backends.rpc:RPCBackend",
 }
 
-#: Schemes Celery users may try that celeriac does not serve (yet), with what to do instead.
-_NOT_YET = {
-    "redis": "the Redis transport is not available in this version",
-    "rediss": "the Redis transport is not available in this version",
-    "amqp": "the AMQP transport is not available in this version",
-    "amqps": "the AMQP transport is not available in this version",
-    "pyamqp": "the AMQP transport is not available in this version",
-    "rpc": "the rpc:// result backend is not available in this version",
+#: Schemes Celery users may try that celeriac does not serve, with what to do instead.
+_HINTS = {
+    "amqp": "RabbitMQ serves as a broker; for results use rpc:// or redis://",
+    "db+sqlite": "use sqlite:///path for the embedded SQLite result store",
 }
 
 
@@ -51,7 +48,7 @@ def _resolve(url: str, table: dict[str, str], role: str) -> type[Any]:
     target = table.get(scheme)
     if target is None:
         known = ", ".join(f"{s}://" for s in sorted(table))
-        reason = _NOT_YET.get(scheme, "unknown scheme")
+        reason = _HINTS.get(scheme, "unknown scheme")
         raise ImproperlyConfigured(f"No {role} for {scheme}:// ({reason}). Known: {known}.")
     module_name, _, class_name = target.partition(":")
     module = importlib.import_module(module_name)

@@ -180,6 +180,9 @@ class Celery:
             accept=codecs.resolve_accept(self.conf.resolved_result_accept()),
             expires=self.conf.result_expires,
             transport_options=tuple(sorted(self.conf.result_backend_transport_options.items())),
+            broker_url=self.conf.resolved_broker_url(),
+            broker_transport_options=tuple(sorted(self.conf.broker_transport_options.items())),
+            persistent=self.conf.result_persistent,
         )
 
     def create_broker(self) -> Broker:
@@ -245,6 +248,8 @@ class Celery:
     # -- sending -----------------------------------------------------------------------------------
 
     async def _publish(self, outgoing: calling.Outgoing) -> None:
+        if outgoing.message.reply_to is None:
+            outgoing.message.reply_to = await self._reply_queue()
         # Encoding errors are the caller's and are raised at once; only reaching the broker
         # (connecting, declaring, publishing) is retried.
         transport_message = wire.encode(
@@ -268,6 +273,17 @@ class Celery:
         await publish_with_retry(
             attempt, outgoing.retry_policy, f"task {outgoing.message.task}[{outgoing.message.id}]"
         )
+
+    async def _reply_queue(self) -> str | None:
+        """The result store's reply queue for ``reply_to`` (rpc://), None for stores that keep
+        results by task id. It is declared before the task is sent, so the result cannot come
+        back before there is a queue to receive it."""
+        backend = self._loop_connections().backend
+        if backend is None:
+            if not aliases.backend_class(self.conf.resolved_result_backend()).uses_reply_queue:
+                return None  # no need to connect a store only to hear it has no queue
+            backend = await self.aresult_store()
+        return await backend.reply_queue()
 
     def _declaration(self, route: routing.Route) -> QueueSpec:
         """How a client declares the queue of a route through a named exchange."""

@@ -215,6 +215,9 @@ class _SettingsFields:
         "Store failures even of tasks whose result is ignored.", False
     )
     task_track_started: bool = _doc("Store the STARTED state when a task begins.", False)
+    result_persistent: bool = _doc(
+        "Send rpc:// results as persistent messages (delivery_mode 2).", False
+    )
     result_extended: bool = _doc(
         "Add name, args, kwargs, worker, retries and queue to result documents.", False
     )
@@ -257,6 +260,7 @@ _VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
     "task_ignore_result": _bool,
     "task_store_errors_even_if_ignored": _bool,
     "task_track_started": _bool,
+    "result_persistent": _bool,
     "result_extended": _bool,
     "worker_prefetch_multiplier": lambda v, n: _optional_int(v, n, minimum=1),
     "worker_concurrency": lambda v, n: _optional_int(v, n, minimum=1),

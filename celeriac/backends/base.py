@@ -15,6 +15,14 @@ expiry, waiting — and a store implements four byte-level primitives:
   in-process memory store) override it;
 * :meth:`ResultBackend.store_many` — optional: several documents in one write (the worker
   pipelines its result writes through it).
+
+Some stores deliver a result to the caller instead of keeping it under the task id (``rpc://``
+publishes it to the caller's reply queue, as Celery's ``rpc`` backend does). For them the worker
+hands over each document with the task's :class:`ReplyRoute` (the message's ``reply_to`` and
+``correlation_id``) through :meth:`ResultBackend.store_routed` /
+:meth:`ResultBackend.store_many_routed`; every other store ignores the route. Such a store sets
+:attr:`ResultBackend.uses_reply_queue`, and the app names :meth:`ResultBackend.reply_queue` as
+``reply_to`` in the task messages it sends.
 """
 
 from __future__ import annotations
@@ -42,6 +50,13 @@ class BackendOptions:
     expires: float | None = 86400.0
     #: ``result_backend_transport_options``.
     transport_options: tuple[tuple[str, Any], ...] = ()
+    #: The resolved ``broker_url``: stores that talk through the broker's connection (rpc://).
+    broker_url: str | None = None
+    #: ``broker_transport_options`` (connection options of that broker URL).
+    broker_transport_options: tuple[tuple[str, Any], ...] = ()
+    #: ``result_persistent``: results that travel as messages are sent persistent (written to
+    #: disk by the broker: AMQP delivery_mode 2) rather than transient.
+    persistent: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,6 +66,29 @@ class StoredPayload:
     data: bytes
     content_type: str
     content_encoding: str
+
+
+@dataclass(slots=True, frozen=True)
+class ReplyRoute:
+    """Where the caller of a task waits for its result: the task message's reply route."""
+
+    #: The caller's reply queue (the message's ``reply_to``).
+    reply_to: str
+    #: The message's ``correlation_id``; Celery's callers key replies on it.
+    correlation_id: str
+
+
+def reply_route(reply_to: Any, correlation_id: Any, task_id: str) -> ReplyRoute | None:
+    """The reply route of a task message, or None when it names no reply queue.
+
+    ``correlation_id`` falls back to the task id, as in Celery. Values that are not non-empty
+    strings (a message from a careless producer) count as absent.
+    """
+    if not isinstance(reply_to, str) or not reply_to:
+        return None
+    if not isinstance(correlation_id, str) or not correlation_id:
+        correlation_id = task_id
+    return ReplyRoute(reply_to, correlation_id)
 
 
 def pending_meta(task_id: str) -> dict[str, Any]:
@@ -70,6 +108,9 @@ class ResultBackend(abc.ABC):
 
     #: Whether :meth:`wait` is woken by the store rather than by polling.
     pushes: bool = False
+    #: Whether results reach the caller through a reply queue named in each task message
+    #: (:meth:`reply_queue`), so documents must be stored with their :class:`ReplyRoute`.
+    uses_reply_queue: bool = False
 
     def __init__(self, url: str, options: BackendOptions) -> None:
         self.url = url
@@ -131,6 +172,25 @@ class ResultBackend(abc.ABC):
         """Store several documents; stores that can override this to write them in one go."""
         for meta in metas:
             await self.store(meta)
+
+    async def store_routed(self, meta: dict[str, Any], route: ReplyRoute | None) -> None:
+        """Store a document of a task whose message gave ``route``; stores that keep results by
+        task id ignore the route."""
+        await self.store(meta)
+
+    async def store_many_routed(
+        self, items: Sequence[tuple[dict[str, Any], ReplyRoute | None]]
+    ) -> None:
+        """:meth:`store_many` for documents paired with their task's reply route."""
+        await self.store_many([meta for meta, _ in items])
+
+    async def reply_queue(self) -> str | None:
+        """The reply queue to name as ``reply_to`` in outgoing task messages, ready to receive.
+
+        None for stores that keep results by task id (all but those with
+        :attr:`uses_reply_queue`).
+        """
+        return None
 
     async def get(self, task_id: str) -> dict[str, Any]:
         """The current document of ``task_id``; PENDING when nothing is stored."""

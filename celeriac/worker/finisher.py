@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celeriac import states
-from celeriac.backends.base import ResultBackend
+from celeriac.backends.base import ReplyRoute, ResultBackend
 from celeriac.backends.meta import build_meta
 from celeriac.brokers.base import Broker, Delivery
 from celeriac.exceptions import CeleriacError
@@ -25,6 +25,8 @@ from celeriac.worker.logs import logger
 class _Item:
     meta: dict[str, Any] | None
     delivery: Delivery | None
+    #: Where the task's caller waits for the result (rpc://); other stores ignore it.
+    route: ReplyRoute | None
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -39,18 +41,23 @@ class Finisher:
         self._pending: list[_Item] = []
         self._flushing = False
 
-    async def finish(self, meta: dict[str, Any] | None, delivery: Delivery | None) -> None:
+    async def finish(
+        self,
+        meta: dict[str, Any] | None,
+        delivery: Delivery | None,
+        route: ReplyRoute | None = None,
+    ) -> None:
         """Store ``meta`` (if any), then ack ``delivery`` (if any). Raises if either failed."""
-        item = _Item(meta, delivery)
+        item = _Item(meta, delivery, route)
         self._pending.append(item)
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush_all())
         await item.done
 
-    async def store(self, meta: dict[str, Any]) -> None:
+    async def store(self, meta: dict[str, Any], route: ReplyRoute | None = None) -> None:
         """Store one document now, in the same pipeline."""
-        await self.finish(meta, None)
+        await self.finish(meta, None, route)
 
     async def _flush_all(self) -> None:
         try:
@@ -61,7 +68,7 @@ class Finisher:
             self._flushing = False
 
     async def _flush(self, batch: list[_Item]) -> None:
-        metas = [item.meta for item in batch if item.meta is not None]
+        metas = [(item.meta, item.route) for item in batch if item.meta is not None]
         try:
             if metas:
                 await self._store_all(metas)
@@ -77,23 +84,23 @@ class Finisher:
             if not item.done.done():
                 item.done.set_result(None)
 
-    async def _store_all(self, metas: list[dict[str, Any]]) -> None:
+    async def _store_all(self, metas: list[tuple[dict[str, Any], ReplyRoute | None]]) -> None:
         try:
-            await self.backend.store_many(metas)
+            await self.backend.store_many_routed(metas)
         except CeleriacError:
             if len(metas) == 1:
-                await self._store_one(metas[0])
+                await self._store_one(*metas[0])
                 return
-            for meta in metas:  # find the one that cannot be stored; store the rest
-                await self._store_one(meta)
+            for meta, route in metas:  # find the one that cannot be stored; store the rest
+                await self._store_one(meta, route)
 
-    async def _store_one(self, meta: dict[str, Any]) -> None:
+    async def _store_one(self, meta: dict[str, Any], route: ReplyRoute | None) -> None:
         try:
-            await self.backend.store(meta)
+            await self.backend.store_routed(meta, route)
         except CeleriacError as exc:
             if meta["status"] != states.SUCCESS:
                 raise
             # The return value itself cannot be stored (not serializable): store why instead,
             # so the caller sees an error rather than waiting forever.
             logger.error("Cannot store the result of %s: %s", meta["task_id"], exc)
-            await self.backend.store(build_meta(meta["task_id"], states.FAILURE, exc))
+            await self.backend.store_routed(build_meta(meta["task_id"], states.FAILURE, exc), route)

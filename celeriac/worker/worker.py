@@ -36,7 +36,7 @@ from celeriac import codecs, states
 from celeriac.app.calling import CALL_OPTIONS
 from celeriac.app.canvas import Signature
 from celeriac.app.queues import queue_spec
-from celeriac.backends.base import ResultBackend
+from celeriac.backends.base import ReplyRoute, ResultBackend, reply_route
 from celeriac.backends.meta import build_meta
 from celeriac.brokers.base import Broker, Delivery, QueueSpec
 from celeriac.exceptions import CeleriacError, ConnectionError, TaskRevokedError
@@ -286,7 +286,7 @@ class Worker:
             # The slot is free for the next task while the result is stored and the message
             # acked; the message stays held (and counted against the prefetch) until then.
             assert self.finisher is not None
-            await self.finisher.finish(meta, ack)
+            await self.finisher.finish(meta, ack, _route_of(outcome))
         except asyncio.CancelledError:
             # Warm shutdown before the task started, or cold shutdown while it ran: the message
             # goes back to the broker and runs again (a cancelled handler has nothing to finish).
@@ -323,7 +323,11 @@ class Worker:
             refusal.reason,
         )
         if refusal.task_id is not None:
-            await self._store(build_meta(refusal.task_id, states.FAILURE, refusal.error))
+            properties = delivery.message.properties
+            route = reply_route(
+                properties.get("reply_to"), properties.get("correlation_id"), refusal.task_id
+            )
+            await self._store(build_meta(refusal.task_id, states.FAILURE, refusal.error), route)
         await self.broker.reject(delivery, requeue=False, reason=refusal.reason)
 
     async def _deferred_or_expired(self, request: Request) -> bool:
@@ -335,7 +339,8 @@ class Worker:
             logger.info("Task %s expired at %s: revoked, not run", request, message.expires)
             if not request.ignores_result():
                 await self._store(
-                    build_meta(message.id, states.REVOKED, TaskRevokedError("expired"))
+                    build_meta(message.id, states.REVOKED, TaskRevokedError("expired")),
+                    _route_of(request),
                 )
             await self.broker.ack([request.delivery])
             return True
@@ -360,6 +365,7 @@ class Worker:
                 build_meta(
                     request.id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}
                 ),
+                _route_of(request),
             )
         outcome = await execution.run(request, self.pool)
         self.processed += 1
@@ -408,9 +414,9 @@ class Worker:
             extended=extended,
         )
 
-    async def _store(self, meta: dict[str, Any]) -> None:
+    async def _store(self, meta: dict[str, Any], route: ReplyRoute | None) -> None:
         assert self.finisher is not None
-        await self.finisher.store(meta)
+        await self.finisher.store(meta, route)
 
     async def _retry(self, request: Request, outcome: execution.Outcome) -> dict[str, Any] | None:
         """Publish the retried message (it waits in the broker); the RETRY document to store."""
@@ -504,6 +510,12 @@ class Worker:
         if running:
             logger.info("Waiting for %d running task(s) to finish.", len(running))
         await asyncio.gather(*running, return_exceptions=True)
+
+
+def _route_of(request: Request) -> ReplyRoute | None:
+    """Where the caller of ``request`` waits for its result (rpc://): the message's reply route."""
+    message = request.message
+    return reply_route(message.reply_to, message.correlation_id, message.id)
 
 
 logging.getLogger("asyncio").setLevel(logging.WARNING)

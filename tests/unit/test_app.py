@@ -126,8 +126,8 @@ def test_every_alias_imports() -> None:
 def test_unknown_or_missing_schemes_are_clear() -> None:
     with pytest.raises(ImproperlyConfigured, match="No broker transport for nope://"):
         aliases.broker_class("nope://x")
-    with pytest.raises(ImproperlyConfigured, match="not available in this version"):
-        aliases.backend_class("rpc://")
+    with pytest.raises(ImproperlyConfigured, match="for results use rpc:// or redis://"):
+        aliases.backend_class("amqp://")
     with pytest.raises(ImproperlyConfigured, match="is not a URL"):
         aliases.broker_class("just-a-path")
 
