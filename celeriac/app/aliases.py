@@ -23,6 +23,11 @@ BROKER_ALIASES: dict[str, str] = {
 BACKEND_ALIASES: dict[str, str] = {
     "memory": "celeriac.backends.memory:MemoryBackend",
     "sqlite": "celeriac.backends.sqlite:SQLiteBackend",
+    "redis": "celeriac.backends.redis:RedisBackend",
+    "rediss": "celeriac.backends.redis:RedisBackend",
+    "redis+socket": "celeriac.backends.redis:RedisBackend",
+    "unix": "celeriac.backends.redis:RedisBackend",
+    "sentinel": "celeriac.backends.redis:RedisBackend",
     "rpc": "celeriac.backends.rpc:RPCBackend",
 }
 

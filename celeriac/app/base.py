@@ -178,7 +178,8 @@ class Celery:
         return BackendOptions(
             serializer=self.conf.result_serializer,
             accept=codecs.resolve_accept(self.conf.resolved_result_accept()),
-            expires=self.conf.result_expires,
+            # Celery: None or 0 keeps results for ever.
+            expires=self.conf.result_expires or None,
             transport_options=tuple(sorted(self.conf.result_backend_transport_options.items())),
             broker_url=self.conf.resolved_broker_url(),
             broker_transport_options=tuple(sorted(self.conf.broker_transport_options.items())),

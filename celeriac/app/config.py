@@ -161,7 +161,7 @@ class _SettingsFields:
         "Compress task bodies: gzip/zlib, bzip2, lzma. None: no compression.", None
     )
     result_expires: float | None = _doc(
-        "Seconds (or a timedelta) results are kept. None keeps them forever.", 86400.0
+        "Seconds (or a timedelta) results are kept. None or 0 keeps them forever (as in Celery).", 86400.0
     )
     task_default_queue: str = _doc("Queue of tasks without a route.", "celery")
     task_default_exchange: str | None = _doc(
