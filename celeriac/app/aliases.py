@@ -1,7 +1,7 @@
 """The one table that maps URL schemes to broker transports and result stores.
 
 A scheme is resolved to ``"module:Class"`` and imported only when used, so an optional dependency
-(redis, aio-pika) is needed only by those who use its scheme. A test imports every entry, so the
+(redis, aiormq) is needed only by those who use its scheme. A test imports every entry, so the
 table cannot hold a dangling alias.
 """
 
@@ -17,6 +17,13 @@ from celeriac.exceptions import ImproperlyConfigured
 BROKER_ALIASES: dict[str, str] = {
     "memory": "celeriac.brokers.memory:MemoryBroker",
     "sqlite": "celeriac.brokers.sqlite:SQLiteBroker",
+    "redis": "celeriac.brokers.redis:RedisBroker",
+    "rediss": "celeriac.brokers.redis:RedisBroker",
+    "redis+socket": "celeriac.brokers.redis:RedisBroker",
+    "sentinel": "celeriac.brokers.redis:RedisBroker",
+    "amqp": "celeriac.brokers.amqp:AMQPBroker",
+    "amqps": "celeriac.brokers.amqp:AMQPBroker",
+    "pyamqp": "celeriac.brokers.amqp:AMQPBroker",
 }
 
 #: Result store URL scheme -> store class.

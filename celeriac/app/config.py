@@ -130,12 +130,14 @@ def _routes(value: Any, name: str) -> Any:
 class _SettingsFields:
     broker_url: str | None = _doc(
         f"Broker URL. Unset: ${BROKER_URL_ENV}, else the embedded SQLite broker "
-        f"({DEFAULT_BROKER_URL}). Schemes: sqlite, memory.",
+        f"({DEFAULT_BROKER_URL}). Schemes: sqlite, redis, rediss, redis+socket, sentinel, "
+        "amqp, amqps, pyamqp, memory.",
         None,
     )
     result_backend: str | None = _doc(
         f"Result store URL. Unset: ${RESULT_BACKEND_ENV}, else embedded SQLite "
-        f"({DEFAULT_RESULT_BACKEND}). Schemes: sqlite, memory.",
+        f"({DEFAULT_RESULT_BACKEND}). Schemes: sqlite, redis, rediss, redis+socket, "
+        "sentinel, rpc, memory.",
         None,
     )
     broker_transport_options: dict[str, Any] = _doc(
@@ -161,7 +163,8 @@ class _SettingsFields:
         "Compress task bodies: gzip/zlib, bzip2, lzma. None: no compression.", None
     )
     result_expires: float | None = _doc(
-        "Seconds (or a timedelta) results are kept. None or 0 keeps them forever (as in Celery).", 86400.0
+        "Seconds (or a timedelta) results are kept. None or 0 keeps them forever (as in Celery).",
+        86400.0,
     )
     task_default_queue: str = _doc("Queue of tasks without a route.", "celery")
     task_default_exchange: str | None = _doc(

@@ -109,6 +109,26 @@ class Broker(abc.ABC):
 
     #: Whether :meth:`dead_letters` can list what :meth:`reject` dead-lettered.
     keeps_dead_letters: bool = False
+    #: Whether a higher priority is served first (AMQP and celeriac's own transports). False on
+    #: Redis, where kombu serves priority 0 first: a fleet mixing Celery and celeriac must agree.
+    higher_priority_first: bool = True
+    #: Whether a fanout exchange stores a copy in every bound queue (AMQP). False where fanout is
+    #: a broadcast to the consumers subscribed at that moment (Redis pub/sub, as kombu does).
+    durable_fanout: bool = True
+    #: Whether a lease runs out after ``visibility_timeout`` unless :meth:`renew` extends it. False
+    #: where the broker holds a delivery for as long as the consumer's connection lives (AMQP):
+    #: there, a lease is lost with the connection, and ``renew`` has nothing to do.
+    leases_expire: bool = True
+    #: Whether :meth:`size` and :meth:`purge` count messages waiting for their ``not_before``.
+    #: False where delayed messages wait outside their queue (RabbitMQ's shared delay queues).
+    size_counts_delayed: bool = True
+    #: Seconds by which a delayed message may arrive after its ``not_before`` beyond delivery
+    #: latency: 0 where delays are exact, 1 where the broker counts whole seconds (AMQP, rounding
+    #: up, so never early).
+    delay_granularity: float = 0.0
+    #: Whether every queue serves higher priorities first. False where only a queue declared with
+    #: ``max_priority`` does (RabbitMQ); other queues are first in, first out.
+    priority_without_declaration: bool = True
 
     def __init__(self, url: str, options: BrokerOptions) -> None:
         self.url = url

@@ -49,7 +49,7 @@ def test_bad_declarations_are_refused_by_name() -> None:
         Queue("q", queue_arguments={"x-message-ttl": 1000})
     with pytest.raises(ImproperlyConfigured, match="more than once"):
         _app("q-twice", task_queues=[Queue("a"), Queue("a")])
-    with pytest.raises(ImproperlyConfigured, match="celeriac.Queue objects"):
+    with pytest.raises(ImproperlyConfigured, match=r"celeriac\.Queue objects"):
         _app("q-bad", task_queues=[{"name": "a"}])
     with pytest.raises(ImproperlyConfigured, match="classic' or 'quorum"):
         _app("q-type", task_default_queue_type="stream")
