@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import os
 import threading
@@ -23,7 +24,8 @@ from celeriac.app.task import P, R, Task
 from celeriac.backends.base import BackendOptions, ResultBackend
 from celeriac.brokers.base import Broker, BrokerOptions, QueueSpec
 from celeriac.exceptions import ImproperlyConfigured
-from celeriac.protocol import wire
+from celeriac.protocol import TaskMessage, wire
+from celeriac.signals import after_task_publish, before_task_publish
 
 T = TypeVar("T")
 
@@ -257,6 +259,19 @@ class Celery:
             outgoing.message, serializer=outgoing.serializer, compression=outgoing.compression
         )
         route = outgoing.route
+        if before_task_publish.receivers:
+            # Receivers may change headers and properties in place (tracing context, for one):
+            # the message is published with them. The body is already encoded: it is for reading.
+            before_task_publish.send(
+                sender=outgoing.message.task,
+                body=_signal_body(outgoing.message),
+                exchange=route.exchange,
+                routing_key=route.routing_key,
+                headers=transport_message.headers,
+                properties=transport_message.properties,
+                declare=[self._declaration(route)] if route.exchange else [],
+                retry_policy=dataclasses.asdict(outgoing.retry_policy),
+            )
 
         async def attempt() -> None:
             broker = await self.abroker()
@@ -274,6 +289,14 @@ class Celery:
         await publish_with_retry(
             attempt, outgoing.retry_policy, f"task {outgoing.message.task}[{outgoing.message.id}]"
         )
+        if after_task_publish.receivers:
+            after_task_publish.send(
+                sender=outgoing.message.task,
+                body=_signal_body(outgoing.message),
+                exchange=route.exchange,
+                routing_key=route.routing_key,
+                headers=transport_message.headers,
+            )
 
     async def _reply_queue(self) -> str | None:
         """The result store's reply queue for ``reply_to`` (rpc://), None for stores that keep
@@ -344,6 +367,17 @@ class Celery:
 App = Celery
 
 _C = TypeVar("_C", Broker, ResultBackend)
+
+
+def _signal_body(message: TaskMessage) -> tuple[Any, ...]:
+    """The body as the publish signals show it: Celery's protocol 2 ``(args, kwargs, embed)``."""
+    embed = {
+        "callbacks": message.callbacks,
+        "errbacks": message.errbacks,
+        "chain": message.chain,
+        "chord": message.chord,
+    }
+    return (message.args, message.kwargs, embed)
 
 
 async def _connected(connection: _C) -> _C:

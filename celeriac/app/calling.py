@@ -3,10 +3,22 @@
 ``apply_async`` options are checked against one table (:data:`CALL_OPTIONS`): an option celeriac
 does not know is an error at the call, never silently dropped. Times are normalized here, once:
 ``countdown`` and ``eta`` become one tz-aware UTC ``eta``; ``expires`` in seconds becomes a time.
+
+What is refused here, before anything is sent: an unknown option; a ``countdown`` or ``expires``
+that is not a finite number of seconds; a negative ``countdown`` (Celery runs it at once, without
+documenting it; it is almost always a bug in the caller, so celeriac says so — pass 0 to run now);
+``countdown`` together with ``eta``; an ``expires`` that is not after the ``eta`` (the task could
+never run); an unknown time zone. An ``expires`` already past without an ``eta`` is sent with a
+warning, as Celery does, and the worker records the task REVOKED unrun.
+
+Naive datetimes are read as UTC when ``enable_utc`` is on (the default), else in ``timezone``, or
+in the system's local time when no ``timezone`` is set (Celery's ``app.timezone``).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +40,8 @@ from celeriac.utils.suggest import did_you_mean
 if TYPE_CHECKING:
     from celeriac.app.config import Settings
     from celeriac.app.task import Task
+
+logger = logging.getLogger("celeriac.app")
 
 #: Every option ``apply_async`` / ``send_task`` accepts, with what it means.
 CALL_OPTIONS: dict[str, str] = {
@@ -82,10 +96,13 @@ def check_options(options: Mapping[str, Any], task_name: str) -> None:
 
 
 def to_utc(value: datetime, conf: Settings, what: str) -> datetime:
-    """A tz-aware UTC datetime; naive values are UTC (enable_utc) or in ``conf.timezone``."""
+    """A tz-aware UTC datetime; naive values are UTC (enable_utc), else in ``conf.timezone``,
+    else in the system's local time."""
     if value.tzinfo is None:
-        if conf.enable_utc or not conf.timezone:
+        if conf.enable_utc:
             return value.replace(tzinfo=UTC)
+        if not conf.timezone:
+            return value.astimezone(UTC)  # a naive datetime is local time to astimezone()
         try:
             zone = ZoneInfo(conf.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -96,9 +113,16 @@ def to_utc(value: datetime, conf: Settings, what: str) -> datetime:
 
 
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ImproperlyConfigured(f"{name} must be a number of seconds, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ImproperlyConfigured(f"{name} must be a finite number of seconds, not {value!r}")
     return float(value)
+
+
+def _later(now: datetime, seconds: float, name: str) -> datetime:
+    try:
+        return now + timedelta(seconds=seconds)
+    except OverflowError:
+        raise ImproperlyConfigured(f"{name} of {seconds} seconds is beyond any date") from None
 
 
 def build(
@@ -123,8 +147,10 @@ def build(
             raise ImproperlyConfigured("give countdown or eta, not both")
         countdown = _number(options["countdown"], "countdown")
         if countdown < 0:
-            raise ImproperlyConfigured(f"countdown must not be negative, got {countdown}")
-        eta = now + timedelta(seconds=countdown)
+            raise ImproperlyConfigured(
+                f"countdown must not be negative, got {countdown} (use 0 to run the task now)"
+            )
+        eta = _later(now, countdown, "countdown")
     elif options.get("eta") is not None:
         if not isinstance(options["eta"], datetime):
             raise ImproperlyConfigured(f"eta must be a datetime, not {options['eta']!r}")
@@ -136,9 +162,17 @@ def build(
         if isinstance(raw_expires, datetime):
             expires = to_utc(raw_expires, conf, "expires")
         else:
-            expires = now + timedelta(seconds=_number(raw_expires, "expires"))
+            expires = _later(now, _number(raw_expires, "expires"), "expires")
         if eta is not None and expires <= eta:
             raise ImproperlyConfigured("expires is not after eta: the task could never run")
+        if expires <= now:
+            # Sent all the same, as Celery does ("we assume this is intended"): the worker records
+            # it REVOKED without running it. Said here so that a mistake is visible at its source.
+            logger.warning(
+                "Task %s expires %s, which is already past: it will be revoked, not run",
+                name,
+                expires.isoformat(),
+            )
 
     priority = options.get("priority")
     if priority is None and task is not None:

@@ -8,6 +8,7 @@ says whether to dead-letter it and what to store for a waiting caller.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celeriac.app.context import Context
@@ -53,6 +54,35 @@ class Request:
     def name(self) -> str:
         """The name shown in logs (``shadow`` if the sender gave one)."""
         return self.message.shadow or self.message.task
+
+    # Celery's Request attributes, for signal receivers (``task_received``) written for Celery.
+    @property
+    def args(self) -> list[Any]:
+        return self.message.args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.message.kwargs
+
+    @property
+    def eta(self) -> datetime | None:
+        return self.message.eta
+
+    @property
+    def expires(self) -> datetime | None:
+        return self.message.expires
+
+    @property
+    def retries(self) -> int:
+        return self.message.retries
+
+    @property
+    def argsrepr(self) -> str | None:
+        return self.message.argsrepr
+
+    @property
+    def kwargsrepr(self) -> str | None:
+        return self.message.kwargsrepr
 
     def label(self) -> str:
         """``tasks.add[<id>]``, as in Celery's log lines."""

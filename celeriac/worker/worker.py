@@ -28,7 +28,6 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +38,22 @@ from celeriac.app.queues import queue_spec
 from celeriac.backends.base import ReplyRoute, ResultBackend, reply_route
 from celeriac.backends.meta import build_meta
 from celeriac.brokers.base import Broker, Delivery, QueueSpec
-from celeriac.exceptions import CeleriacError, ConnectionError, TaskRevokedError
-from celeriac.protocol import wire
+from celeriac.exceptions import (
+    CeleriacError,
+    ConnectionError,
+    EncodeError,
+    ImproperlyConfigured,
+    Retry,
+    TaskRevokedError,
+)
+from celeriac.signals import (
+    task_received,
+    task_revoked,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 from celeriac.utils.redact import redact_url
 from celeriac.worker import execution
 from celeriac.worker.finisher import Finisher
@@ -118,7 +131,19 @@ class Worker:
         return asyncio.run(self.run())
 
     async def run(self) -> int:
-        """Start the components, consume until stopped, stop the components."""
+        """Start the components, consume until stopped, stop the components.
+
+        ``worker_init`` is sent first and ``worker_shutdown`` last, whatever happens between.
+        """
+        if worker_init.receivers:
+            worker_init.send(sender=self)
+        try:
+            return await self._run()
+        finally:
+            if worker_shutdown.receivers:
+                worker_shutdown.send(sender=self)
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         broker = self.app.create_broker()
@@ -137,9 +162,14 @@ class Worker:
         self.app.use_connections(broker, backend)
         self.finisher = Finisher(broker, backend)
         self.pool = ThreadPool(self.concurrency)
+        if worker_process_init.receivers:
+            # Celery sends it in each pool process; here the worker process runs the tasks itself.
+            worker_process_init.send(sender=self.hostname)
         keeper = asyncio.create_task(self._keep_leases(), name="celeriac-lease-keeper")
         self._warn_about_unsafe_content()
         logger.info("%s ready.", self.hostname)
+        if worker_ready.receivers:
+            worker_ready.send(sender=self)
         self.ready.set()
         try:
             await self._consume()
@@ -277,6 +307,8 @@ class Worker:
             if await self._deferred_or_expired(outcome):
                 return
             logger.info("Task %s received", outcome)
+            if task_received.receivers:
+                task_received.send(sender=self, request=outcome)
             for note in outcome.unsupported():
                 logger.warning("Task %s: %s by this version of celeriac.", outcome, note)
             async with self._slots:
@@ -337,6 +369,14 @@ class Worker:
         now = datetime.now(UTC)
         if message.expires is not None and message.expires <= now:
             logger.info("Task %s expired at %s: revoked, not run", request, message.expires)
+            if task_revoked.receivers:
+                task_revoked.send(
+                    sender=request.task,
+                    request=request.context(),
+                    terminated=False,
+                    signum=None,
+                    expired=True,
+                )
             if not request.ignores_result():
                 await self._store(
                     build_meta(message.id, states.REVOKED, TaskRevokedError("expired")),
@@ -369,15 +409,26 @@ class Worker:
             )
         outcome = await execution.run(request, self.pool)
         self.processed += 1
+        for unraised in outcome.unraised:
+            # retry(throw=False): sent as asked, whatever the body did afterwards (Celery's rule).
+            try:
+                await self._send_retry(request, unraised)
+            except (ImproperlyConfigured, EncodeError) as exc:
+                logger.error("Task %s: retry(throw=False) could not be sent: %s", request, exc)
         meta: dict[str, Any] | None = None
         if outcome.retry is not None:
-            meta = await self._retry(request, outcome)
-        elif outcome.state == states.SUCCESS:
+            try:
+                meta = await self._retry(request, outcome)
+            except (ImproperlyConfigured, EncodeError) as exc:
+                # Nothing was sent (bad retry options, new arguments that do not serialize): the
+                # task fails with that error instead of being redelivered to fail the same way.
+                outcome = execution.failed(outcome, exc)
+        if outcome.state == states.SUCCESS:
             logger.info("Task %s succeeded in %.4fs: %r", request, outcome.runtime, outcome.value)
             if not ignore:
                 meta = self._meta(request, states.SUCCESS, outcome.value)
             await self._send_callbacks(request, outcome.value)
-        else:
+        elif outcome.state == states.FAILURE:
             logger.error(
                 "Task %s raised unexpected: %r\n%s",
                 request,
@@ -420,37 +471,19 @@ class Worker:
 
     async def _retry(self, request: Request, outcome: execution.Outcome) -> dict[str, Any] | None:
         """Publish the retried message (it waits in the broker); the RETRY document to store."""
-        assert self.broker is not None
         retry = outcome.retry
         assert retry is not None
-        message = request.message
-        now = datetime.now(UTC)
-        when = retry.when
-        if isinstance(when, datetime):
-            eta = when if when.tzinfo else when.replace(tzinfo=UTC)
-        else:
-            eta = now + timedelta(seconds=float(when or 0))
-        new = replace(
-            message,
-            retries=message.retries + 1,
-            eta=eta,
-            parent_id=message.id,
-            args=retry.args_override if retry.args_override is not None else message.args,
-            kwargs=retry.kwargs_override if retry.kwargs_override is not None else message.kwargs,
-            origin=self.hostname,
-        )
-        serializer = request.task.serializer or self.app.conf.task_serializer
-        transport = wire.encode(
-            new, serializer=serializer, compression=self.app.conf.task_compression
-        )
-        await self.broker.publish(
-            transport, exchange="", routing_key=request.delivery.queue, not_before=eta.timestamp()
-        )
+        await self._send_retry(request, retry)
         logger.info("Task %s retry: %s", request, retry)
         if request.ignores_result():
             return None
         cause = retry.exc if retry.exc is not None else retry
         return self._meta(request, states.RETRY, cause, outcome.traceback)
+
+    async def _send_retry(self, request: Request, retry: Retry) -> None:
+        """Send the message of a retry like any call (publish signals, publish retries)."""
+        outgoing = execution.retry_outgoing(self.app, request, retry, self.hostname)
+        await self.app._publish(outgoing)
 
     async def _send_linked(
         self, signatures: list[dict[str, Any]], first_arg: Any, request: Request

@@ -18,6 +18,7 @@ LAYER = {
     "states": 0,
     "utils": 0,
     "_portal": 0,
+    "signals": 0,
     "codecs": 1,
     "protocol": 2,
     "brokers": 3,
