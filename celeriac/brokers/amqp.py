@@ -1028,6 +1028,11 @@ class AMQPBroker(Broker):
             handle=_Handle(consumption, tag, consumer, wire_queue),
         )
 
+    def is_lost(self, delivery: Delivery) -> bool:
+        """True once the channel that delivered ``delivery`` is gone (RabbitMQ requeued it)."""
+        handle = delivery.handle
+        return isinstance(handle, _Handle) and not handle.consumption.alive
+
     def _wake_fetches(self) -> None:
         for waiter in self._waiters:
             waiter.set()

@@ -196,6 +196,16 @@ class Broker(abc.ABC):
     async def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Extend the leases of deliveries whose tasks are still running."""
 
+    def is_lost(self, delivery: Delivery) -> bool:
+        """Whether the broker has already taken ``delivery`` back and will deliver it again.
+
+        True on transports whose deliveries live and die with a connection (AMQP) once that
+        connection is gone: a consumer must not start such a message, as the broker's redelivery
+        will run it. Lease-based transports return False: an expired lease is noticed by
+        :meth:`ack`, and a renewed one is never taken back.
+        """
+        return False
+
     @abc.abstractmethod
     async def purge(self, queue: str) -> int:
         """Delete every waiting message of ``queue``; return how many were deleted."""

@@ -312,6 +312,11 @@ class Worker:
             for note in outcome.unsupported():
                 logger.warning("Task %s: %s by this version of celeriac.", outcome, note)
             async with self._slots:
+                if self.broker is not None and self.broker.is_lost(delivery):
+                    # The broker took it back with a lost connection and delivers it again:
+                    # running this copy too would run the task twice.
+                    logger.info("Task %s was taken back by the broker; not starting it", outcome)
+                    return
                 self._waiting.pop(tag, None)
                 self._running[tag] = asyncio.current_task()  # type: ignore[assignment]
                 meta, ack = await self._execute(outcome)
@@ -552,3 +557,4 @@ def _route_of(request: Request) -> ReplyRoute | None:
 
 
 logging.getLogger("asyncio").setLevel(logging.WARNING)
+logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # the transport reports connection losses itself
