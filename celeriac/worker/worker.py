@@ -557,4 +557,5 @@ def _route_of(request: Request) -> ReplyRoute | None:
 
 
 logging.getLogger("asyncio").setLevel(logging.WARNING)
-logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # the transport reports connection losses itself
+# The AMQP transport reports connection losses itself; aiormq's tracebacks would only repeat them.
+logging.getLogger("aiormq").setLevel(logging.CRITICAL)
