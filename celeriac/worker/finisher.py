@@ -17,7 +17,7 @@ from celeriac import states
 from celeriac.backends.base import ReplyRoute, ResultBackend
 from celeriac.backends.meta import build_meta
 from celeriac.brokers.base import Broker, Delivery
-from celeriac.exceptions import CeleriacError
+from celeriac.exceptions import CeleriacError, EncodeError
 from celeriac.worker.logs import logger
 
 
@@ -97,10 +97,12 @@ class Finisher:
     async def _store_one(self, meta: dict[str, Any], route: ReplyRoute | None) -> None:
         try:
             await self.backend.store_routed(meta, route)
-        except CeleriacError as exc:
+        except EncodeError as exc:
             if meta["status"] != states.SUCCESS:
                 raise
             # The return value itself cannot be stored (not serializable): store why instead,
-            # so the caller sees an error rather than waiting forever.
+            # so the caller sees an error rather than waiting forever. Any other error (the store
+            # is unreachable) is raised: the message stays leased and the task runs again, rather
+            # than a success being recorded as a failure.
             logger.error("Cannot store the result of %s: %s", meta["task_id"], exc)
             await self.backend.store_routed(build_meta(meta["task_id"], states.FAILURE, exc), route)
