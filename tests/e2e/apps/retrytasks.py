@@ -23,21 +23,29 @@ def _record(name: str, *values: object) -> None:
         handle.write(" ".join(str(v) for v in values) + "\n")
 
 
+def _ours(sender: Any) -> bool:
+    """Signals are process-wide: record only this app's (the test process imports it too)."""
+    return getattr(sender, "app", None) is app
+
+
 @worker_ready.connect
 def _on_ready(sender: Any = None, **kwargs: Any) -> None:
-    _record("signals.log", "worker_ready")
+    if _ours(sender):
+        _record("signals.log", "worker_ready")
 
 
 @task_retry.connect
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **kwargs: Any) -> None:
-    _record("signals.log", "task_retry", sender.name, request.id, request.retries, reason.when)
+    if _ours(sender):
+        _record("signals.log", "task_retry", sender.name, request.id, request.retries, reason.when)
 
 
 @task_failure.connect
 def _on_failure(
     sender: Any = None, task_id: str = "", exception: Any = None, **kwargs: Any
 ) -> None:
-    _record("signals.log", "task_failure", sender.name, task_id, type(exception).__name__)
+    if _ours(sender):
+        _record("signals.log", "task_failure", sender.name, task_id, type(exception).__name__)
 
 
 @app.task(bind=True, max_retries=5)
