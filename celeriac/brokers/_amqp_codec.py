@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celeriac.brokers._common import check_message
 from celeriac.brokers.base import TransportMessage
 from celeriac.exceptions import PublishError
 
@@ -113,21 +114,7 @@ def encode(message: TransportMessage, *, extra_headers: Mapping[str, Any] | None
     (floats as 64-bit ``d`` where pamqp writes 32-bit ``f``; empty-string properties kept, where
     pamqp drops them) and validates as it goes, in one pass.
     """
-    if not isinstance(message, TransportMessage):
-        raise PublishError(f"expected a TransportMessage, got {type(message).__name__}")
-    body = message.body
-    if not isinstance(body, bytes):
-        raise PublishError(f"message body must be bytes, got {type(body).__name__}")
-    for name in ("content_type", "content_encoding"):
-        value = getattr(message, name)
-        if not isinstance(value, str):
-            raise PublishError(f"message {name} must be a string, got {value!r}")
-    if not isinstance(message.headers, dict):
-        raise PublishError(f"message headers must be a dict, got {type(message.headers).__name__}")
-    if not isinstance(message.properties, dict):
-        raise PublishError(
-            f"message properties must be a dict, got {type(message.properties).__name__}"
-        )
+    body = check_message(message)
     for key in message.headers:
         if isinstance(key, str) and key.startswith(RESERVED_PREFIX):
             raise PublishError(f"header {key!r}: names starting {RESERVED_PREFIX!r} are reserved")

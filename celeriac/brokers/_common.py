@@ -91,6 +91,16 @@ def encode_metadata(message: TransportMessage) -> tuple[bytes, str, str]:
     Storing JSON (rather than the dicts) means a message carries only what a networked transport
     could carry: a value JSON cannot represent fails here, at publish, with PublishError.
     """
+    body = check_message(message)
+    return body, _to_json("headers", message.headers), _to_json("properties", message.properties)
+
+
+def check_message(message: TransportMessage) -> bytes:
+    """Raise PublishError unless ``message`` has the shape every transport carries; its body.
+
+    Every transport (these two, Redis, AMQP) checks a message with this before encoding it in
+    its own form, so a malformed one gets the same error whatever the broker.
+    """
     if not isinstance(message, TransportMessage):
         raise PublishError(f"expected a TransportMessage, got {type(message).__name__}")
     body = message.body
@@ -99,12 +109,15 @@ def encode_metadata(message: TransportMessage) -> tuple[bytes, str, str]:
     for name in ("content_type", "content_encoding"):
         if not isinstance(getattr(message, name), str):
             raise PublishError(f"message {name} must be a string, got {getattr(message, name)!r}")
-    return body, _to_json("headers", message.headers), _to_json("properties", message.properties)
+    for name in ("headers", "properties"):
+        if not isinstance(getattr(message, name), dict):
+            raise PublishError(
+                f"message {name} must be a dict, got {type(getattr(message, name)).__name__}"
+            )
+    return body
 
 
 def _to_json(what: str, value: Any) -> str:
-    if not isinstance(value, dict):
-        raise PublishError(f"message {what} must be a dict, got {type(value).__name__}")
     try:
         return json.dumps(value, separators=(",", ":"))
     except (TypeError, ValueError) as exc:

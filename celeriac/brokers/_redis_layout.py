@@ -98,6 +98,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from celeriac.brokers._common import check_message
 from celeriac.brokers.base import TransportMessage
 from celeriac.exceptions import ImproperlyConfigured, PublishError
 
@@ -263,19 +264,7 @@ def encode_envelope(
     message: TransportMessage, exchange: str, routing_key: str
 ) -> tuple[bytes, str]:
     """kombu's JSON envelope of ``message`` and its fresh ``delivery_tag``; PublishError if not JSON."""
-    if not isinstance(message, TransportMessage):
-        raise PublishError(f"expected a TransportMessage, got {type(message).__name__}")
-    body = message.body
-    if not isinstance(body, bytes):
-        raise PublishError(f"message body must be bytes, got {type(body).__name__}")
-    for name in ("content_type", "content_encoding"):
-        if not isinstance(getattr(message, name), str):
-            raise PublishError(f"message {name} must be a string, got {getattr(message, name)!r}")
-    for name in ("headers", "properties"):
-        if not isinstance(getattr(message, name), dict):
-            raise PublishError(
-                f"message {name} must be a dict, got {type(getattr(message, name)).__name__}"
-            )
+    body = check_message(message)
     properties = {k: v for k, v in message.properties.items() if k not in TRANSPORT_PROPERTIES}
     properties["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
     properties["body_encoding"] = "base64"
