@@ -95,10 +95,8 @@ def _run_sync(
             # A sync function that returned a coroutine: refuse rather than drop it.
             value.close()
             raise TypeError(f"{task.name} returned a coroutine; declare it async def")
-    except Retry as retry:
-        outcome = Outcome(states.RETRY, retry, time.perf_counter() - started, tb.format_exc())
     except Exception as exc:
-        outcome = Outcome(states.FAILURE, exc, time.perf_counter() - started, tb.format_exc())
+        outcome = _raised(exc, started)
     else:
         outcome = Outcome(states.SUCCESS, value, time.perf_counter() - started)
     _send_outcome(task, context, args, kwargs, outcome)
@@ -113,14 +111,18 @@ async def _run_async(
     started = time.perf_counter()
     try:
         value = await task(*args, **kwargs)
-    except Retry as retry:
-        outcome = Outcome(states.RETRY, retry, time.perf_counter() - started, tb.format_exc())
     except Exception as exc:
-        outcome = Outcome(states.FAILURE, exc, time.perf_counter() - started, tb.format_exc())
+        outcome = _raised(exc, started)
     else:
         outcome = Outcome(states.SUCCESS, value, time.perf_counter() - started)
     _send_outcome(task, context, args, kwargs, outcome)
     return outcome
+
+
+def _raised(exc: Exception, started: float) -> Outcome:
+    """The outcome of a body that raised ``exc`` (inside its ``except``: the traceback is live)."""
+    state = states.RETRY if isinstance(exc, Retry) else states.FAILURE
+    return Outcome(state, exc, time.perf_counter() - started, tb.format_exc())
 
 
 def _send_outcome(
