@@ -57,6 +57,14 @@ def require_rabbitmq() -> None:
     require("RabbitMQ", AMQP_HOST, AMQP_PORT, "rabbitmq-server -detached")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now (for private servers, or refusals)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def unique(prefix: str = "t") -> str:
     """A short name no other test (or test run) uses."""
     return f"{prefix}{uuid.uuid4().hex[:12]}"

@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import APPS, WorkerProcess
+from tests.services import free_port
 
 pytestmark = pytest.mark.e2e
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def test_worker_waits_for_an_unreachable_broker_and_stops_cleanly(workdir: Path) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(APPS), os.environ.get("PYTHONPATH", "")]),
-        "CELERIAC_BROKER_URL": f"redis://:secret@127.0.0.1:{_closed_port()}/0",
+        "CELERIAC_BROKER_URL": f"redis://:secret@127.0.0.1:{free_port()}/0",
     }
     worker = WorkerProcess(workdir, env, ["-A", "e2etasks", "worker", "-l", "info"], "waiting")
     try:

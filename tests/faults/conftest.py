@@ -36,21 +36,13 @@ import pytest
 
 from celeriac import Celery
 from celeriac.exceptions import CeleriacError
-from tests.services import REDIS_DB, in_ci, redis_url, require_redis, unique
+from tests.services import REDIS_DB, free_port, in_ci, redis_url, require_redis, unique
 
 APPS = Path(__file__).parent / "apps"
 
 #: Where Debian and Ubuntu keep RabbitMQ's own scripts; /usr/sbin/rabbitmq-server is a wrapper
 #: that switches to the ``rabbitmq`` user (and so to the system node's Erlang cookie).
 RABBITMQ_SCRIPTS = Path(os.environ.get("CELERIAC_TEST_RABBITMQ_SCRIPTS", "/usr/lib/rabbitmq/bin"))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def port_open(port: int) -> bool:

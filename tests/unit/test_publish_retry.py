@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -11,14 +10,7 @@ import pytest
 from celeriac import Celery
 from celeriac.app.publishing import RetryPolicy, parse_retry_policy, publish_with_retry
 from celeriac.exceptions import ConnectionError, ImproperlyConfigured, PublishError, RoutingError
-
-
-def _closed_port() -> int:
-    """A local TCP port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+from tests.services import free_port
 
 
 def test_policy_pauses_follow_celery_arithmetic() -> None:
@@ -38,7 +30,7 @@ def test_bad_policies_are_refused() -> None:
 
 
 def test_unreachable_broker_is_retried_then_raises_publish_error() -> None:
-    app = Celery("retry-down", broker=f"redis://127.0.0.1:{_closed_port()}/0", backend="memory://")
+    app = Celery("retry-down", broker=f"redis://127.0.0.1:{free_port()}/0", backend="memory://")
     app.conf.task_publish_retry_policy = {
         "max_retries": 3,
         "interval_start": 0.05,
