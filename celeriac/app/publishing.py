@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ class RetryPolicy:
     interval_step: float = 0.2
     interval_max: float = 0.2
 
-    def pauses(self) -> Any:
+    def pauses(self) -> Iterator[float]:
         """The pause before each retry, in order (endless when ``max_retries`` is None)."""
         pause = self.interval_start
         count = 0
