@@ -51,6 +51,9 @@ class Outcome:
     traceback: str | None = None
     #: Retries the body asked for with ``retry(throw=False)`` and did not raise; sent anyway.
     unraised: tuple[Retry, ...] = ()
+    #: The process running the body died before it ended (``value`` is a WorkerLostError): the
+    #: worker decides between delivering the message again and failing it (poison messages).
+    worker_lost: bool = False
 
     @property
     def retry(self) -> Retry | None:
