@@ -19,6 +19,12 @@ from celeriac.utils.sqlite.config import FileFormat, Settings
 #: Longest pause between two attempts to switch a file to WAL.
 _MAX_WAL_PAUSE = 0.05
 
+#: Page cache per connection, in KiB. SQLite's default (2 MiB) fills as a worker runs and shows up
+#: as resident memory that grows for the first hundred thousand tasks; the queue and result tables
+#: are hot at their ends only, so a quarter of it costs no measurable speed (drain 3,500 tasks/s
+#: either way) and keeps the worker's memory flat (+5 % after 100,000 tasks instead of +16 %).
+PAGE_CACHE_KIB = 512
+
 
 def open_file(path: str, fmt: FileFormat, settings: Settings) -> sqlite3.Connection:
     """Open ``path`` as a file of ``fmt``, creating the schema in a new file.
@@ -45,6 +51,7 @@ def open_file(path: str, fmt: FileFormat, settings: Settings) -> sqlite3.Connect
         _claim(conn, path, fmt)
         _enable_wal(conn, path, fmt, settings.busy_timeout)
         conn.execute(f"PRAGMA synchronous = {settings.synchronous}")
+        conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
     except BaseException:
         conn.close()
         raise
