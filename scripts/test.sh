@@ -7,8 +7,8 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 echo "== ruff"
-.venv/bin/ruff check celeriac tests examples
-.venv/bin/ruff format --check celeriac tests examples
+.venv/bin/ruff check celeriac tests examples benchmarks
+.venv/bin/ruff format --check celeriac tests examples benchmarks
 echo "== mypy --strict"
 .venv/bin/mypy
 echo "== pytest"
