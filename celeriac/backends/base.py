@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import builtins
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from celeriac import codecs, states
+from celeriac.brokers.ratelimit import RateLimiterStore
 from celeriac.exceptions import TimeoutError
 
 
@@ -144,6 +146,14 @@ class ResultBackend(abc.ABC):
         """Return when the document of ``task_id`` may have changed, or after ``timeout``."""
         await asyncio.sleep(timeout)
 
+    async def _read_many(self, task_ids: Sequence[str]) -> list[StoredPayload | None]:
+        """The stored payloads of ``task_ids``, in order (None where nothing is stored).
+
+        One :meth:`_read` after another by default; stores that can read many keys in one round
+        trip (``MGET``, ``WHERE task_id IN``) override it.
+        """
+        return [await self._read(task_id) for task_id in task_ids]
+
     # -- the shared part -----------------------------------------------------------------------
 
     def encode_meta(self, meta: dict[str, Any]) -> StoredPayload:
@@ -197,6 +207,14 @@ class ResultBackend(abc.ABC):
         payload = await self._read(task_id)
         return pending_meta(task_id) if payload is None else self.decode_meta(payload)
 
+    async def get_many(self, task_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The current documents of ``task_ids``, in order; PENDING where nothing is stored."""
+        payloads = await self._read_many(task_ids)
+        return [
+            pending_meta(task_id) if payload is None else self.decode_meta(payload)
+            for task_id, payload in zip(task_ids, payloads, strict=True)
+        ]
+
     async def wait(
         self,
         task_id: str,
@@ -228,6 +246,110 @@ class ResultBackend(abc.ABC):
                 await self._wait_for_change(task_id, min(pause, left, interval))
                 pause = min(pause * 2, interval)
 
+    async def wait_many(
+        self,
+        task_ids: Sequence[str],
+        timeout: float | None = None,
+        interval: float = 0.5,
+        states_wanted: Collection[str] = states.READY_STATES,
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """Yield ``(task_id, document)`` for each task as it reaches one of ``states_wanted``.
+
+        Documents come in the order the tasks finish, each id once. Raises
+        :class:`celeriac.exceptions.TimeoutError` once ``timeout`` seconds have passed with tasks
+        still unfinished (``0``: look once, never wait). Iterate it inside
+        ``contextlib.aclosing`` when the loop may stop early, so that waits still in progress end
+        at once rather than when the generator is collected.
+
+        All documents are first read in one batch (:meth:`get_many`), so tasks already finished
+        cost nothing more. Then a store that pushes (:attr:`pushes`) waits for each remaining
+        task with :meth:`wait`, all at once; a polling store reads all the remaining documents
+        in one batch per poll, starting after a millisecond and backing off to ``interval``:
+        never one wait per task in sequence.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ids = list(dict.fromkeys(task_ids))
+        pending: list[str] = []
+        for task_id, meta in zip(ids, await self.get_many(ids), strict=True):
+            if meta["status"] in states_wanted:
+                yield task_id, meta
+            else:
+                pending.append(task_id)
+        if self.pushes:
+            async for item in self._wait_each(pending, deadline, interval, states_wanted):
+                yield item
+            return
+        pause = 0.001
+        while pending:
+            left = _time_left(deadline, len(pending))
+            await asyncio.sleep(min(pause, interval, interval if left is None else left))
+            pause = min(pause * 2, interval)
+            still: list[str] = []
+            for task_id, meta in zip(pending, await self.get_many(pending), strict=True):
+                if meta["status"] in states_wanted:
+                    yield task_id, meta
+                else:
+                    still.append(task_id)
+            pending = still
+
+    async def _wait_each(
+        self,
+        task_ids: Sequence[str],
+        deadline: float | None,
+        interval: float,
+        states_wanted: Collection[str],
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """:meth:`wait` for every task at once (stores that push); yield them as they finish."""
+        if not task_ids:
+            return
+        finished: asyncio.Queue[tuple[str, dict[str, Any]] | BaseException] = asyncio.Queue()
+
+        async def wait_one(task_id: str) -> None:
+            try:
+                meta = await self.wait(task_id, None, interval, states_wanted)
+            except Exception as exc:  # handed to the reader, which raises it
+                finished.put_nowait(exc)
+            else:
+                finished.put_nowait((task_id, meta))
+
+        waits = [asyncio.create_task(wait_one(task_id)) for task_id in task_ids]
+        try:
+            for unfinished in range(len(task_ids), 0, -1):
+                left = _time_left(deadline, unfinished)
+                try:
+                    item = await asyncio.wait_for(finished.get(), left)
+                except builtins.TimeoutError:
+                    raise _timed_out(unfinished) from None
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
     async def forget(self, task_id: str) -> None:
         """Remove the stored result of ``task_id``."""
         await self._delete(task_id)
+
+    def rate_limiter(self) -> RateLimiterStore | None:
+        """The store of cluster-wide rate limits kept here, or None if this store keeps none.
+
+        Workers use it when their broker keeps no counters (RabbitMQ); Redis and SQLite result
+        stores offer one.
+        """
+        return None
+
+
+def _time_left(deadline: float | None, unfinished: int) -> float | None:
+    """Seconds until ``deadline`` (None: no deadline); TimeoutError once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timed_out(unfinished)
+    return left
+
+
+def _timed_out(unfinished: int) -> TimeoutError:
+    return TimeoutError(f"The operation timed out waiting for {unfinished} task(s) to finish.")

@@ -22,7 +22,9 @@ The file is marked as a celeriac result store (``PRAGMA application_id`` = :data
 and carries the schema version (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`). A file that
 belongs to something else (another program, or the SQLite broker, which marks its files the same
 way) or that a newer celeriac wrote is refused with a clear error instead of being altered: both
-pragmas are per file, so the broker and the result store each need a file of their own.
+pragmas are per file, so the broker and the result store each need a file of their own. When the
+broker (RabbitMQ) keeps none, revoked task ids are kept in this file, in a table of their own
+(:mod:`celeriac.brokers._revocations_sqlite`).
 
 Concurrency: WAL journal (readers never block the writer), ``busy_timeout`` so concurrent writers
 queue instead of failing, ``synchronous = NORMAL`` by default (a committed result survives a crash
@@ -46,11 +48,13 @@ from __future__ import annotations
 import concurrent.futures
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from celeriac import states
 from celeriac.backends.base import BackendOptions, ResultBackend, StoredPayload
+from celeriac.brokers._ratelimit_sqlite import SQLiteRateLimiter
+from celeriac.brokers.ratelimit import RateLimiterStore
 from celeriac.utils import sqlite
 
 SCHEMA_VERSION = 1
@@ -62,6 +66,10 @@ MIN_SQLITE_VERSION = (3, 24, 0)
 
 #: Expired rows are deleted on connect and once per this many writes of an instance.
 SWEEP_EVERY = 1000
+
+#: Task ids per ``SELECT … WHERE task_id IN (…)`` of a batched read (SQLite allows 32,766 bound
+#: parameters since 3.32, 999 before).
+READ_BATCH = 500
 
 #: The transport options, with what they mean (the same as the SQLite broker's).
 TRANSPORT_OPTIONS: dict[str, str] = sqlite.OPTIONS
@@ -210,6 +218,31 @@ class SQLiteBackend(ResultBackend):
         await self._db.run(
             lambda conn: conn.execute("DELETE FROM results WHERE task_id = ?", (task_id,))
         )
+
+    async def _read_many(self, task_ids: Sequence[str]) -> list[StoredPayload | None]:
+        """Many rows in one hop to the connection's thread, :data:`READ_BATCH` ids per query."""
+        ids = list(task_ids)
+        return await self._db.run(lambda conn: self._read_rows(conn, ids))
+
+    @staticmethod
+    def _read_rows(conn: sqlite3.Connection, task_ids: list[str]) -> list[StoredPayload | None]:
+        now = time.time()
+        found: dict[str, StoredPayload] = {}
+        for start in range(0, len(task_ids), READ_BATCH):
+            chunk = task_ids[start : start + READ_BATCH]
+            marks = ", ".join("?" * len(chunk))
+            rows = conn.execute(
+                "SELECT task_id, payload, content_type, content_encoding FROM results "
+                f"WHERE task_id IN ({marks}) AND (expires_at IS NULL OR expires_at > ?)",
+                (*chunk, now),
+            )
+            for task_id, data, content_type, content_encoding in rows:
+                found[task_id] = StoredPayload(bytes(data), content_type, content_encoding)
+        return [found.get(task_id) for task_id in task_ids]
+
+    def rate_limiter(self) -> RateLimiterStore:
+        """Limits kept in a table of this file (see :mod:`celeriac.brokers._ratelimit_sqlite`)."""
+        return SQLiteRateLimiter(self._db.run, f"the SQLite result store {self.path}")
 
     # -- batch -----------------------------------------------------------------------------------
 

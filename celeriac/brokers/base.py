@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from celeriac.brokers.ratelimit import RateLimiterStore
 from celeriac.protocol.envelope import TransportMessage
 
 # TransportMessage is re-exported: the message is part of the broker contract.
@@ -195,6 +196,14 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Extend the leases of deliveries whose tasks are still running."""
+
+    def rate_limiter(self) -> RateLimiterStore | None:
+        """The store of cluster-wide rate limits kept in this broker, or None if it keeps none.
+
+        Transports that can decide a grant atomically for every worker (SQLite, Redis, memory)
+        return one that works through this broker's connection; RabbitMQ keeps no counters.
+        """
+        return None
 
     def is_lost(self, delivery: Delivery) -> bool:
         """Whether the broker has already taken ``delivery`` back and will deliver it again.

@@ -31,6 +31,7 @@ from celeriac.brokers.base import (
     PublishRequest,
     QueueSpec,
 )
+from celeriac.brokers.ratelimit import RateLimiterStore, shared_in_process
 from celeriac.exceptions import ConnectionError
 from celeriac.utils.memory_url import parse_memory_url
 from celeriac.utils.wakeup import WakeupRegistry
@@ -138,6 +139,10 @@ class MemoryBroker(Broker):
         store = self._connected()
         leases = [_common.lease_of(d, "memory") for d in deliveries]
         store.renew(leases, time.time() + self.options.visibility_timeout)
+
+    def rate_limiter(self) -> RateLimiterStore:
+        """Limits shared by every broker of this process with the same name."""
+        return shared_in_process(self.name, f"the memory broker {self.url}")
 
     async def purge(self, queue: str) -> int:
         return self._connected().purge(_common.check_queue_name(queue), time.time())

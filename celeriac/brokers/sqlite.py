@@ -6,7 +6,8 @@ worker dies: a fetch *leases* messages (``lease_token``, ``visible_at``) in one 
 ``UPDATE … RETURNING``; an ack deletes the row; a lease that runs out makes the message
 deliverable again, counted in ``delivery_count``; delayed messages wait in the file. The storage
 layout is documented in :mod:`celeriac.brokers._sqlite_schema`, the SQL in
-:mod:`celeriac.brokers._sqlite_store`.
+:mod:`celeriac.brokers._sqlite_store`. Revoked task ids are kept in the same file, in a table of
+their own (:mod:`celeriac.brokers._revocations_sqlite`).
 
 Durability: WAL mode; a committed publish survives a crash of any process. With the default
 ``synchronous=NORMAL`` a power loss or OS crash may roll back the last commits; the transport
@@ -39,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from celeriac.brokers import _common, _routing
+from celeriac.brokers._ratelimit_sqlite import SQLiteRateLimiter
 from celeriac.brokers._sqlite_schema import BROKER_FILE
 from celeriac.brokers._sqlite_store import Lease, SQLiteStore
 from celeriac.brokers.base import (
@@ -49,6 +51,7 @@ from celeriac.brokers.base import (
     PublishRequest,
     QueueSpec,
 )
+from celeriac.brokers.ratelimit import RateLimiterStore
 from celeriac.exceptions import CeleriacError, ConnectionError, PublishError
 from celeriac.utils import sqlite
 from celeriac.utils.wakeup import WakeupRegistry
@@ -191,6 +194,12 @@ class SQLiteBroker(Broker):
         lease_for = self.options.visibility_timeout
         if leases:
             await self._run(lambda store: store.renew(leases, lease_for))
+
+    def rate_limiter(self) -> RateLimiterStore:
+        """Limits kept in a table of this file (see :mod:`celeriac.brokers._ratelimit_sqlite`)."""
+        return SQLiteRateLimiter(
+            lambda op: self._run(lambda store: op(store.conn)), f"the SQLite broker {self.path}"
+        )
 
     async def purge(self, queue: str) -> int:
         name = _common.check_queue_name(queue)
