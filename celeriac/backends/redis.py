@@ -34,9 +34,11 @@ atomic), then ``SETEX`` + ``PUBLISH``. To know whether a stored value is a SUCCE
   serializer; it costs a second round trip only for a stored value that holds the text
 ``SUCCESS`` but that the script cannot decode.
 
-Reads: ``MGET``. redis-py's asyncio client takes a pooled connection for every command in
-flight, so reads are queued and each batch served by one ``MGET``: many concurrent readers (200
-waiters woken at once) use one connection, not one each. The content type of a value is the
+Connections: writes and reads go over one pipelined connection (:mod:`celeriac.utils.resp`), named
+``client_name``: any number of them in flight at once, each costing a fraction of a redis-py
+command; they are sent again after a lost connection (writing the same document twice has the
+same effect). Reads are ``GET``s; many concurrent readers (200 waiters woken at once) pipeline
+theirs on that one connection. The content type of a value is the
 configured serializer's, except when the bytes cannot be that serializer's and unmistakably are
 another's (``{`` json, ``\\x80\\x02`` to ``\\x05`` pickle, ``\\x81`` to ``\\x8f``/``\\xde``/``\\xdf``
 msgpack, ``<`` xml): then that type is used, so a pickle value is refused by a json-only reader
@@ -60,6 +62,10 @@ published to nobody). As a last resort every waiter also reads its key every
 ``socket_keepalive``, ``health_check_interval``, ``max_connections``, ``client_name``, ``ssl``,
 ``master_name`` and ``sentinel_kwargs`` for Sentinel); anything else is refused.
 
+When the broker (RabbitMQ) keeps none, revoked task ids are kept in a stream
+``<global_keyprefix>_celeriac.revoked`` of this database
+(:mod:`celeriac.brokers._revocations_redis`).
+
 Errors of the driver become :class:`celeriac.exceptions.ConnectionError` (authentication and ACL
 refusals :class:`~celeriac.exceptions.ImproperlyConfigured`); a store whose Redis comes back works
 again without being recreated.
@@ -78,6 +84,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from celeriac import codecs, states
 from celeriac.backends.base import BackendOptions, ResultBackend, StoredPayload
+from celeriac.brokers._ratelimit_redis import RedisRateLimiter
+from celeriac.brokers.ratelimit import RateLimiterStore
 from celeriac.exceptions import (
     ConnectionError,
     EncodeError,
@@ -90,6 +98,7 @@ from celeriac.utils.redis_url import (
     parse_redis_url,
     redis_module,
 )
+from celeriac.utils.resp import RedisPipe, ReplyError, RespError
 from celeriac.utils.suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -112,6 +121,9 @@ PING_INTERVAL = 10.0
 
 #: Keys written by one script call; a larger batch is split into calls sent in one pipeline.
 MAX_KEYS_PER_CALL = 500
+
+#: Times an idempotent command (a result write, a read) is sent again after a lost connection.
+_RETRIES = 3
 
 #: Rounds of compare-and-set before giving up on a key that other writers keep changing.
 MAX_WRITE_ROUNDS = 16
@@ -237,7 +249,6 @@ class _DriverErrors:
         import redis.exceptions as errors
 
         self.any: type[Exception] = errors.RedisError
-        self.no_script: type[Exception] = errors.NoScriptError
         self.config: tuple[type[Exception], ...] = (
             errors.AuthenticationError,
             errors.AuthorizationError,
@@ -592,11 +603,11 @@ class RedisBackend(ResultBackend):
         self._content_type = probe.content_type
         self._content_encoding = probe.content_encoding
         self._client: redis.asyncio.Redis | None = None
+        #: The connection of result writes and reads (see celeriac.utils.resp): pipelined, and
+        #: several times cheaper per command than redis-py's client.
+        self._pipe: RedisPipe | None = None
         self._listener: _Listener | None = None
-        self._script_sha: str | None = None
-        #: Reads waiting for the next MGET, by key, and the task serving them.
-        self._read_queue: dict[bytes, list[asyncio.Future[bytes | None]]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._script_sha = hashlib.sha1(STORE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
     def _refuse(self, names: list[str]) -> NoReturn:
         name = names[0]
@@ -627,20 +638,25 @@ class RedisBackend(ResultBackend):
         listener_client = make_client(
             self.target, client_name=f"{self.client_name}:pubsub", retry=retry()
         )
+        pipe = RedisPipe(self.target, client_name=self.client_name)
         try:
             with self._translate("connect"):
-                await client.ping()
-                self._script_sha = str(await client.script_load(STORE_SCRIPT))
+                await pipe.connect()
+                await pipe.call("SCRIPT", "LOAD", STORE_SCRIPT)
         except BaseException:
+            pipe.close()
             await client.aclose()
             await listener_client.aclose()
             raise
         self._client = client
+        self._pipe = pipe
         self._listener = _Listener(listener_client, self.target.describe(), self._errors)
 
     async def close(self) -> None:
-        client, listener = self._client, self._listener
-        self._client = self._listener = None
+        client, listener, pipe = self._client, self._listener, self._pipe
+        self._client = self._listener = self._pipe = None
+        if pipe is not None:
+            pipe.close()
         if listener is not None:
             await listener.close()
             with contextlib.suppress(Exception):
@@ -655,6 +671,12 @@ class RedisBackend(ResultBackend):
             raise ConnectionError(f"result store {self.target.describe()} is not connected")
         return client
 
+    def _connected_pipe(self) -> RedisPipe:
+        pipe = self._pipe
+        if pipe is None:
+            raise ConnectionError(f"result store {self.target.describe()} is not connected")
+        return pipe
+
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:
         """Turn redis-py's errors into celeriac's, naming the store and the operation."""
@@ -664,7 +686,15 @@ class RedisBackend(ResultBackend):
             raise ImproperlyConfigured(
                 f"result store {self.target.describe()} refused {what}: {exc}"
             ) from exc
-        except (self._errors.any, OSError) as exc:
+        except ReplyError as exc:
+            if exc.refused:
+                raise ImproperlyConfigured(
+                    f"result store {self.target.describe()} refused {what}: {exc}"
+                ) from exc
+            raise ConnectionError(
+                f"result store {self.target.describe()}: {what} failed: {exc}"
+            ) from exc
+        except (self._errors.any, RespError, OSError) as exc:
             raise ConnectionError(
                 f"result store {self.target.describe()}: {what} failed: {exc}"
             ) from exc
@@ -713,7 +743,8 @@ class RedisBackend(ResultBackend):
 
         Same rules as :meth:`store` for each; a SUCCESS already stored is kept.
         """
-        items = [(self.key(meta["task_id"]), self.encode_meta(meta).data) for meta in metas]
+        serializer = self.options.serializer
+        items = [(self.key(meta["task_id"]), codecs.dumps(meta, serializer).data) for meta in metas]
         if items:
             await self._write_values(items)
 
@@ -747,82 +778,70 @@ class RedisBackend(ResultBackend):
 
     async def _run_script(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[Any]:
         """Run :data:`STORE_SCRIPT` over ``(key, value, guard)`` items; one reply per item."""
-        client = self._connected()
+        pipe = self._connected_pipe()
         ttl = str(self._ttl_ms).encode()
         calls: list[tuple[Any, ...]] = []
         for start in range(0, len(items), MAX_KEYS_PER_CALL):
             chunk = items[start : start + MAX_KEYS_PER_CALL]
-            args: list[bytes] = [ttl]
+            call: list[Any] = ["EVALSHA", self._script_sha, len(chunk)]
+            call += (key for key, _, _ in chunk)
+            call.append(ttl)
             for _, value, guard in chunk:
-                args.append(value)
-                args.append(guard)
-            calls.append((len(chunk), *(key for key, _, _ in chunk), *args))
+                call.append(value)
+                call.append(guard)
+            calls.append(tuple(call))
         with self._translate("storing results"):
-            for attempt in range(2):
-                sha = self._script_sha
-                assert sha is not None
-                try:
-                    if len(calls) == 1:
-                        reply: list[Any] = await client.evalsha(sha, *calls[0])
-                        return list(reply)
-                    async with client.pipeline(transaction=False) as pipe:
-                        for call in calls:
-                            pipe.evalsha(sha, *call)
-                        chunks = await pipe.execute()
-                    return [reply for chunk in chunks for reply in chunk]
-                except self._errors.no_script:
-                    # Redis restarted or its script cache was flushed: load the script again.
-                    # Calls that ran before the error wrote what they would write again.
-                    if attempt:
-                        raise
-                    self._script_sha = str(await client.script_load(STORE_SCRIPT))
-        raise AssertionError("unreachable")
+            # Writing the same documents again has the same effect: re-sent after a lost
+            # connection, with a short backoff that rides out a dropped idle connection.
+            replies = await pipe.execute(calls, retries=_RETRIES)
+            if any(isinstance(r, ReplyError) and r.code == "NOSCRIPT" for r in replies):
+                # Redis restarted or its script cache was flushed: load the script again. The
+                # calls that ran anyway wrote what they would write again.
+                sha = await pipe.call("SCRIPT", "LOAD", STORE_SCRIPT, retries=_RETRIES)
+                self._script_sha = sha.decode() if isinstance(sha, bytes) else str(sha)
+                calls = [(call[0], self._script_sha, *call[2:]) for call in calls]
+                replies = await pipe.execute(calls, retries=_RETRIES)
+            for reply in replies:
+                if isinstance(reply, ReplyError):
+                    raise reply
+        return [value for chunk in replies for value in chunk]
 
     async def _read(self, task_id: str) -> StoredPayload | None:
-        self._connected()
-        key = self.key(task_id)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes | None] = loop.create_future()
-        self._read_queue.setdefault(key, []).append(future)
-        if self._reader is None:
-            self._reader = loop.create_task(self._read_batches())
-        data = await future
-        return None if data is None else self._payload(data)
+        pipe = self._connected_pipe()
+        with self._translate("reading results"):
+            # Concurrent readers (200 waiters woken at once) pipeline their GETs on the one
+            # connection: no connection each, no round trip each.
+            value = await pipe.call("GET", self.key(task_id), retries=_RETRIES)
+        return None if value is None else self._payload(value)
 
-    async def _read_batches(self) -> None:
-        """Serve the queued reads with one MGET per batch.
-
-        redis-py's asyncio client takes a pooled connection per command in flight, so reads
-        done one by one would open a connection for every concurrent reader (200 waiters woken
-        at once: 200 connections). Reads queued while an MGET is under way go in the next one.
-        """
-        try:
-            while self._read_queue:
-                batch, self._read_queue = self._read_queue, {}
-                keys = list(batch)
-                try:
-                    client = self._connected()
-                    with self._translate("reading results"):
-                        values = await client.mget(keys)
-                except Exception as exc:
-                    for futures in batch.values():
-                        for future in futures:
-                            if not future.done():
-                                future.set_exception(exc)
-                    continue
-                for key, value in zip(keys, values, strict=True):
-                    # bytes (decode_responses is off); str only from a misconfigured client
-                    data = value.encode("utf-8") if isinstance(value, str) else value
-                    for future in batch[key]:
-                        if not future.done():
-                            future.set_result(data)
-        finally:
-            self._reader = None
+    async def _read_many(self, task_ids: Sequence[str]) -> list[StoredPayload | None]:
+        """``MGET`` of :data:`MAX_KEYS_PER_CALL` keys at a time (a group's results)."""
+        client = self._connected()
+        keys = [self.key(task_id) for task_id in task_ids]
+        values: list[Any] = []
+        with self._translate("reading results"):
+            for start in range(0, len(keys), MAX_KEYS_PER_CALL):
+                values += await client.mget(keys[start : start + MAX_KEYS_PER_CALL])
+        return [
+            None
+            if value is None
+            else self._payload(value.encode("utf-8") if isinstance(value, str) else value)
+            for value in values
+        ]
 
     async def _delete(self, task_id: str) -> None:
         client = self._connected()
         with self._translate("deleting a result"):
             await client.delete(self.key(task_id))
+
+    def rate_limiter(self) -> RateLimiterStore:
+        """Limits kept under ``<global_keyprefix>_celeriac.rate_limit.*`` keys, one script per
+        grant (see :mod:`celeriac.brokers._ratelimit_redis`); the prefix is the broker's form of
+        ``global_keyprefix``, so a broker and a result store on one Redis agree on the keys."""
+        prefix = dict(self.options.transport_options).get("global_keyprefix") or ""
+        return RedisRateLimiter(
+            self._connected, str(prefix), f"the Redis result store {self.target.describe()}"
+        )
 
     # -- waiting -----------------------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ import uuid
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from celeriac.brokers._common import check_message
 from celeriac.brokers.base import TransportMessage
@@ -114,6 +114,9 @@ DELIVERY_COUNT = "x-celeriac-delivery-count"
 ORDER = "x-celeriac-order"
 #: Properties the transport owns: set on publish, removed from fetched messages.
 TRANSPORT_PROPERTIES = ("delivery_info", "delivery_tag", DELIVERY_COUNT, ORDER)
+
+
+_json_decode = json.JSONDecoder().decode
 
 
 class MalformedEnvelope(ValueError):
@@ -285,8 +288,7 @@ def encode_envelope(
     return text.encode("ascii"), tag
 
 
-@dataclass(slots=True, frozen=True)
-class Decoded:
+class Decoded(NamedTuple):
     """A fetched envelope, as celeriac hands it to a consumer."""
 
     message: TransportMessage
@@ -299,7 +301,8 @@ class Decoded:
 def parse_envelope(raw: bytes) -> dict[str, Any]:
     """The JSON object of a list item; MalformedEnvelope if it is none."""
     try:
-        document = json.loads(raw)
+        # kombu stores text (ASCII JSON): UTF-8, without json.loads' sniffing of UTF-16/32.
+        document = _json_decode(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedEnvelope(f"not a JSON envelope: {exc}") from None
     if not isinstance(document, dict):
@@ -308,7 +311,12 @@ def parse_envelope(raw: bytes) -> dict[str, Any]:
 
 
 def decode_envelope(document: dict[str, Any], queue: str) -> Decoded:
-    """Rebuild the message of an envelope; MalformedEnvelope says what is wrong with it."""
+    """Rebuild the message of an envelope; MalformedEnvelope says what is wrong with it.
+
+    The message takes the envelope's ``headers`` and ``properties`` dicts over (without the
+    transport's own entries) rather than copying them: ``document`` is a freshly parsed envelope
+    nobody else holds. It is left untouched when the envelope is malformed.
+    """
     headers = document.get("headers")
     properties = document.get("properties")
     if headers is None:
@@ -338,11 +346,12 @@ def decode_envelope(document: dict[str, Any], queue: str) -> Decoded:
     counted = properties.get(DELIVERY_COUNT)
     if not isinstance(counted, int) or isinstance(counted, bool) or counted < 0:
         counted = 0
-    flagged = headers.get("redelivered") is True or info.get("redelivered") is True
-    clean_headers = dict(headers)
-    if clean_headers.get("redelivered") is True:
-        del clean_headers["redelivered"]
-    clean_properties = {k: v for k, v in properties.items() if k not in TRANSPORT_PROPERTIES}
+    flagged_header = headers.get("redelivered") is True
+    flagged = flagged_header or info.get("redelivered") is True
+    if flagged_header:
+        del headers["redelivered"]
+    for name in TRANSPORT_PROPERTIES:
+        properties.pop(name, None)
     exchange = info.get("exchange")
     routing_key = info.get("routing_key")
     content_type = document.get("content-type")
@@ -352,8 +361,8 @@ def decode_envelope(document: dict[str, Any], queue: str) -> Decoded:
             body=data,
             content_type=content_type if isinstance(content_type, str) else "",
             content_encoding=content_encoding if isinstance(content_encoding, str) else "",
-            headers=clean_headers,
-            properties=clean_properties,
+            headers=headers,
+            properties=properties,
         ),
         exchange=exchange if isinstance(exchange, str) else "",
         routing_key=routing_key if isinstance(routing_key, str) else queue,

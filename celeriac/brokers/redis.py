@@ -43,6 +43,12 @@ Clocks: lease deadlines, delays and ``unacked_index`` scores are UNIX times of t
 as kombu's are. The fetch script, which may run a while after it was sent, reads the server's
 ``TIME`` and adds the offset between the two clocks (measured at connect and every minute).
 
+Connections: the commands of every message — the scripts (publish, fetch, hand-back), acks and
+renewals — go over one pipelined connection (:mod:`celeriac.utils.resp`): any number in flight at
+once, each a fraction of the CPU of a redis-py command, which a worker draining a queue sends about
+once per task. The waiting ``BLMOVE``, fanout's pub/sub and the rarer commands use redis-py. Every
+connection carries the ``client_name``.
+
 Errors: every driver error becomes :class:`~celeriac.exceptions.ConnectionError` (or
 :class:`~celeriac.exceptions.PublishError` from a publish, which returns only once Redis replied
 that it stored the batch). The driver never re-sends a command by itself — a publish is never
@@ -81,6 +87,8 @@ Transport options (``broker_transport_options``), kombu's names where kombu has 
     The connection, see :mod:`celeriac.utils.redis_url`.
 
 ``visibility_timeout`` and ``polling_interval`` are :class:`~celeriac.brokers.base.BrokerOptions`.
+Revoked task ids are kept in a stream ``<global_keyprefix>_celeriac.revoked`` of the same database
+(:mod:`celeriac.brokers._revocations_redis`).
 Needs Redis 6.2 or later (``BLMOVE``, ``RPOP`` with a count); Redis Cluster is not supported
 (neither is it by kombu). Durability is Redis's: enable AOF (``appendfsync everysec`` or
 ``always``) for messages to survive a restart of Redis.
@@ -98,10 +106,11 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from celeriac.brokers import _common, _routing
 from celeriac.brokers import _redis_scripts as scripts
+from celeriac.brokers._ratelimit_redis import RedisRateLimiter
 from celeriac.brokers._redis_layout import (
     DEFAULT_PRIORITY_STEPS,
     DEFAULT_SEP,
@@ -125,6 +134,7 @@ from celeriac.brokers.base import (
     QueueSpec,
     TransportMessage,
 )
+from celeriac.brokers.ratelimit import RateLimiterStore
 from celeriac.exceptions import (
     CeleriacError,
     ConnectionError,
@@ -138,6 +148,7 @@ from celeriac.utils.redis_url import (
     parse_redis_url,
     redis_module,
 )
+from celeriac.utils.resp import RedisPipe, ReplyError, RespError
 from celeriac.utils.suggest import did_you_mean
 from celeriac.utils.wakeup import Waiter, WakeupRegistry
 
@@ -234,9 +245,9 @@ def parse_transport_options(options: Mapping[str, Any]) -> _Settings:
     return _Settings(prefix, sep, steps, float(foreign), delayed, limit)
 
 
-@dataclass(slots=True, frozen=True)
-class _Lease:
-    """A delivery's handle: its token in the in-flight record, and its queue."""
+class _Lease(NamedTuple):
+    """A delivery's handle: its token in the in-flight record, and its queue (a tuple: one is
+    built for every message fetched)."""
 
     #: ``celeriac:…`` token; empty for a fanout message, which nobody holds in Redis.
     token: str
@@ -271,6 +282,8 @@ class RedisBroker(Broker):
         #: In-process wake-ups are shared by brokers on the same server, database and prefix.
         self._store_key = f"{self._describe}|{self._settings.prefix}"
         self._client: Any = None
+        #: The connection of the hot commands (scripts, acks, renewals): see celeriac.utils.resp.
+        self._pipe: RedisPipe | None = None
         self._scripts: dict[str, Any] = {}
         self._declared: set[QueueSpec] = set()
         # The connection BLMOVE blocks on, its CLIENT ID, and whether CLIENT UNBLOCK is allowed.
@@ -325,12 +338,17 @@ class RedisBroker(Broker):
             "declare": client.register_script(scripts.DECLARE),
         }
         self._client = client
+        pipe = RedisPipe(self._target)
         try:
+            with self._errors(ConnectionError, "cannot connect: "):
+                await pipe.connect()
             await self._measure_clock(client)
         except BaseException:
             self._client = None
+            pipe.close()
             await _quietly(client.aclose())
             raise
+        self._pipe = pipe
         self._block_lock = asyncio.Lock()
         self._confirm = asyncio.Event()
         self._can_unblock = True
@@ -341,6 +359,9 @@ class RedisBroker(Broker):
         if self._background:  # leases of cancelled fetches being given back
             await asyncio.wait(set(self._background), timeout=2.0)
         client, self._client = self._client, None
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.close()
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
@@ -361,6 +382,24 @@ class RedisBroker(Broker):
                 f"the Redis broker {self._describe} is not connected; call connect() first"
             )
         return self._client
+
+    def _connected_pipe(self) -> RedisPipe:
+        pipe = self._pipe
+        if pipe is None:
+            raise ConnectionError(
+                f"the Redis broker {self._describe} is not connected; call connect() first"
+            )
+        return pipe
+
+    async def _run(self, commands: list[tuple[Any, ...]], *, idempotent: bool) -> list[Any]:
+        """Commands pipelined on the hot connection; an error reply is raised (translated)."""
+        pipe = self._connected_pipe()
+        with self._errors():
+            replies = await pipe.execute(commands, retries=1 if idempotent else 0)
+            for reply in replies:
+                if isinstance(reply, ReplyError):
+                    raise reply
+        return replies
 
     @contextlib.contextmanager
     def _errors(
@@ -384,12 +423,12 @@ class RedisBroker(Broker):
         idempotent: bool = False,
     ) -> Any:
         """Run a script; an ``idempotent`` one once more if its connection was lost."""
-        self._connected()
+        pipe = self._connected_pipe()
         script = self._scripts[name]
         with self._errors(error):
-            if idempotent:
-                return await _again_if_lost(lambda: script(keys=[], args=args))
-            return await script(keys=[], args=args)
+            return await pipe.evalsha(
+                script.sha, script.script, (), args, retries=1 if idempotent else 0
+            )
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -490,41 +529,34 @@ class RedisBroker(Broker):
         held = [lease for lease in leases if lease.token]
         if not held:
             return
-        client = self._connected()
         tokens = [lease.token for lease in held]
-
-        async def remove() -> Any:
-            pipe = client.pipeline(transaction=False)
-            pipe.hdel(self._layout.unacked, *tokens)
-            pipe.zrem(self._layout.unacked_index, *tokens)
-            for queue, queue_tokens in _by_queue(held).items():
-                pipe.zrem(self._layout.leases(queue), *queue_tokens)
-            return await pipe.execute()
-
-        with self._errors():
-            await _again_if_lost(remove)
+        layout = self._layout
+        commands: list[tuple[Any, ...]] = [
+            ("HDEL", layout.unacked, *tokens),
+            ("ZREM", layout.unacked_index, *tokens),
+        ]
+        for queue, queue_tokens in _by_queue(held).items():
+            commands.append(("ZREM", layout.leases(queue), *queue_tokens))
+        await self._run(commands, idempotent=True)
 
     async def renew(self, deliveries: Sequence[Delivery]) -> None:
         leases = [_lease(d) for d in deliveries]
         held = [lease for lease in leases if lease.token]
         if not held:
             return
-        client = self._connected()
-        now = time.time()
-        deadline = now + self.options.visibility_timeout
-
-        async def extend() -> Any:
-            pipe = client.pipeline(transaction=False)
-            # XX: a lease that was lost (restored, acked) stays lost.
-            pipe.zadd(self._layout.unacked_index, {lease.token: now for lease in held}, xx=True)
-            for queue, queue_tokens in _by_queue(held).items():
-                pipe.zadd(
-                    self._layout.leases(queue), dict.fromkeys(queue_tokens, deadline), xx=True
-                )
-            return await pipe.execute()
-
-        with self._errors():
-            await _again_if_lost(extend)
+        clock = time.time()
+        now, deadline = repr(clock), repr(clock + self.options.visibility_timeout)
+        # XX: a lease that was lost (restored, acked) stays lost.
+        index: list[Any] = ["ZADD", self._layout.unacked_index, "XX"]
+        for lease in held:
+            index += (now, lease.token)
+        commands: list[tuple[Any, ...]] = [tuple(index)]
+        for queue, queue_tokens in _by_queue(held).items():
+            by_queue: list[Any] = ["ZADD", self._layout.leases(queue), "XX"]
+            for token in queue_tokens:
+                by_queue += (deadline, token)
+            commands.append(tuple(by_queue))
+        await self._run(commands, idempotent=True)
 
     async def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
         _common.check_reason(reason)
@@ -566,6 +598,13 @@ class RedisBroker(Broker):
             )
             await pipe.execute()
         _wakeups.notify(self._store_key, [lease.queue])
+
+    def rate_limiter(self) -> RateLimiterStore:
+        """Limits kept under ``_celeriac.rate_limit.*`` keys of this database (one script per
+        grant, see :mod:`celeriac.brokers._ratelimit_redis`)."""
+        return RedisRateLimiter(
+            self._connected, self._layout.prefix, f"the Redis broker {self._describe}"
+        )
 
     async def purge(self, queue: str) -> int:
         name = _common.check_queue_name(queue)
@@ -1031,7 +1070,7 @@ class RedisBroker(Broker):
 def _redis_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import RedisError
 
-    return (RedisError, OSError)
+    return (RedisError, RespError, OSError)
 
 
 async def _again_if_lost(command: Callable[[], Awaitable[_T]]) -> _T:

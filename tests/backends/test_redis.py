@@ -580,19 +580,20 @@ def test_content_type_is_taken_from_unmistakable_bytes(
 def test_store_many_is_one_round_trip(make: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         async with opened(make()) as backend:
-            client = backend._client
-            assert client is not None
-            calls: list[int] = []
-            evalsha = client.evalsha
+            pipe = backend._pipe
+            assert pipe is not None
+            calls: list[list[tuple[Any, int]]] = []
+            execute = pipe.execute
 
-            def counting(*args: Any) -> Any:
-                calls.append(args[1])
-                return evalsha(*args)
+            def counting(commands: Any, **options: Any) -> Any:
+                calls.append([(command[0], command[2]) for command in commands])
+                return execute(commands, **options)
 
-            monkeypatch.setattr(client, "evalsha", counting)
+            monkeypatch.setattr(pipe, "execute", counting)
             ids = [new_id() for _ in range(100)]
             await backend.store_many([build_meta(i, states.SUCCESS, n) for n, i in enumerate(ids)])
-            assert calls == [100]
+            monkeypatch.undo()
+            assert calls == [[("EVALSHA", 100)]]  # one command, one write, one round trip
             assert [(await backend.get(i))["result"] for i in ids] == list(range(100))
 
     asyncio.run(main())
