@@ -107,6 +107,8 @@ def build_meta(
 
 def format_date(value: datetime) -> str:
     """``date_done`` as Celery ≥ 5.4 writes it: ISO-8601 in UTC with an explicit ``+00:00``."""
+    if value.tzinfo is UTC:  # what build_meta passes: no conversion to do
+        return value.isoformat()
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC).isoformat()

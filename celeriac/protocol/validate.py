@@ -61,6 +61,9 @@ DEFAULTED_HEADERS: Mapping[str, Any] = {
 }
 
 
+_NOT_EXTRA = MODEL_HEADERS | DROPPED_HEADERS
+
+
 def _invalid(field: str, expected: str, value: Any) -> InvalidTaskError:
     shown = saferepr(value, maxlen=100)
     return InvalidTaskError(
@@ -152,7 +155,7 @@ def _args(value: Any) -> list[Any]:
 
 
 def _kwargs(value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # type() first: cheaper
         raise _invalid("kwargs", "an object (a mapping of names to values)", value)
     for key in value:
         if not isinstance(key, str):
@@ -196,10 +199,10 @@ def _delivery_mode(value: Any) -> int:
 def _extra_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     for key, value in headers.items():
+        if key in _NOT_EXTRA:  # every header of the common message: one lookup each
+            continue
         if not isinstance(key, str):
             raise _invalid("headers", "a mapping with string keys", key)
-        if key in MODEL_HEADERS or key in DROPPED_HEADERS:
-            continue
         if key in DEFAULTED_HEADERS and value == DEFAULTED_HEADERS[key]:
             continue
         extra[key] = value
@@ -223,7 +226,7 @@ def build_message(
     """
     if embed is None:
         embed = {}
-    elif not isinstance(embed, Mapping):
+    elif type(embed) is not dict and not isinstance(embed, Mapping):
         raise _invalid("embed", "an object with callbacks/errbacks/chain/chord, or null", embed)
     # Unknown embed keys are tolerated, as Celery tolerates them (it merges them into the request
     # context); the model has nowhere to keep them and no worker behaviour depends on them.

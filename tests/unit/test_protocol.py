@@ -18,6 +18,7 @@ import pytest
 from celeriac import codecs
 from celeriac.exceptions import ContentDisallowed, DecodeError, InvalidTaskError
 from celeriac.protocol import TaskMessage, decode, encode, from_wire_parts, to_v2
+from celeriac.protocol import saferepr as saferepr_module
 from celeriac.protocol.envelope import TransportMessage
 from celeriac.protocol.saferepr import saferepr
 from celeriac.protocol.times import as_utc, format_iso8601, milliseconds_until, parse_iso8601
@@ -850,6 +851,33 @@ def test_saferepr_matches_repr_for_ordinary_arguments() -> None:
     for value in [(2, 3), (1,), (), {}, {"a": [1, {"b": None}]}, ("s", b"b", 1.5, True, None)]:
         assert saferepr(value) == repr(value)
     assert saferepr({1, 2}) == "{1, 2}" and saferepr(set()) == "set()"
+
+
+def test_saferepr_of_flat_arguments_is_what_the_general_walk_writes() -> None:
+    """Flat tuples, lists and dicts of plain values take a shortcut; it must not show."""
+
+    class Loud(str):
+        def __repr__(self) -> str:
+            return "LOUD"
+
+    def walked(value: Any, maxlen: int) -> str:
+        out = saferepr_module._Writer(maxlen)
+        saferepr_module._write(out, value, 0, 3, set())
+        return "".join(out.parts)
+
+    values: list[Any] = [
+        (2, 3),
+        (Loud("x"),),
+        {"k": "quote ' and \" and \n", "n": float("nan")},
+        ("x" * 1019,),
+        ("x" * 1030,),
+        tuple(range(64)),
+        tuple(range(65)),
+        [10**5000],
+    ]
+    for value in values:
+        for maxlen in (1024, 12, 3):
+            assert saferepr(value, maxlen=maxlen) == walked(value, maxlen)
 
 
 def test_saferepr_limits_depth_length_and_survives_bad_objects() -> None:
