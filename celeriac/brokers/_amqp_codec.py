@@ -21,7 +21,9 @@ What goes where on the wire (what a kombu/Celery peer sees):
 Headers celeriac reserves (``x-celeriac-…``) and RabbitMQ's bookkeeping headers of the
 delayed-delivery topology (``x-death`` entries of the ``celery_delayed_*`` queues) and of quorum
 queues (``x-delivery-count``, reported as :attr:`Delivery.delivery_count`) are removed when a
-message is read.
+message is read. ``x-celeriac-delivery-count`` carries the deliveries a message had before this
+copy of it was published (a redelivery counted, a deferral, a give-back): see
+:func:`previous_deliveries`.
 
 Encoding is celeriac's own (:func:`encode`), not pamqp's: pamqp writes a Python ``float`` as a
 32-bit ``f`` field (``0.1`` arrives as ``0.10000000149…``) and drops empty-string properties
@@ -55,6 +57,11 @@ QUEUE_HEADER = "x-celeriac-queue"
 DEAD_AT_HEADER = "x-celeriac-dead-lettered-at"
 #: ``[exchange, routing_key]`` a delayed or deferred message was first published with.
 ROUTE_HEADER = "x-celeriac-route"
+#: Deliveries the message had before this copy was published; the copy's first delivery is the
+#: next one. RabbitMQ counts nothing on classic queues, so celeriac carries the count itself.
+DELIVERY_COUNT_HEADER = "x-celeriac-delivery-count"
+#: Quorum queues' own count of the deliveries returned to the queue (absent before the first).
+QUORUM_COUNT_HEADER = "x-delivery-count"
 RESERVED_PREFIX = "x-celeriac-"
 AUTO_ID_PREFIX = "celeriac-auto-"
 
@@ -254,7 +261,7 @@ def from_amqp(body: bytes, properties: Basic.Properties) -> tuple[TransportMessa
     raw = dict(properties.headers or {})
     added: dict[str, Any] = {}
     for key in list(raw):
-        if key.startswith(RESERVED_PREFIX) or key == "x-delivery-count":
+        if key.startswith(RESERVED_PREFIX) or key == QUORUM_COUNT_HEADER:
             added[key] = raw.pop(key)
     _strip_delay_deaths(raw, added)
     props: dict[str, Any] = {}
@@ -279,6 +286,21 @@ def from_amqp(body: bytes, properties: Basic.Properties) -> tuple[TransportMessa
         properties=props,
     )
     return message, added
+
+
+def previous_deliveries(added: Mapping[str, Any]) -> tuple[int, int | None]:
+    """From the headers :func:`from_amqp` set aside: deliveries before this copy was published
+    (``x-celeriac-delivery-count``, 0 when absent) and the quorum queue's count of returns of
+    this copy (``x-delivery-count``; None when the header is absent, as on classic queues)."""
+    before = _count(added.get(DELIVERY_COUNT_HEADER))
+    returned = added.get(QUORUM_COUNT_HEADER)
+    return (before or 0), _count(returned)
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _strip_delay_deaths(headers: dict[str, Any], added: dict[str, Any]) -> None:

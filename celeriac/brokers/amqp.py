@@ -41,8 +41,22 @@ Semantics, mapped onto the broker contract (:mod:`celeriac.brokers.base`):
   connection; :meth:`size` and :meth:`purge` count them as waiting.
 * **Leases** — RabbitMQ keeps a delivered message for as long as the channel it was delivered on
   lives (no visibility timeout): :meth:`renew` has nothing to do, and a worker that dies loses its
-  connection, which puts its messages back (``redelivered`` set). ``delivery_count`` is
-  ``x-delivery-count`` + 1 on quorum queues, at least 2 for a redelivered message otherwise.
+  connection, which puts its messages back (``redelivered`` set).
+* **Delivery counts** — quorum queues count returned deliveries themselves (``x-delivery-count``).
+  Classic queues only flag a redelivery, so the transport counts, in the header
+  ``x-celeriac-delivery-count`` (the deliveries before this copy of the message was published). A
+  message redelivered after a connection died is counted inside :meth:`fetch`: a copy carrying
+  its count is published (confirmed) to the back of its queue and the original acked; the copy is
+  what gets handed out. That costs a confirmed publish and an ack per such redelivery (after a
+  worker died: rarely), and the message loses its place in the queue. ``reject(requeue=True)``
+  keeps the message's place when RabbitMQ's flag will say enough (the first delivery of its copy;
+  this connection remembers the count, for the last 10,000), else it publishes a counted copy too.
+  :meth:`defer` and :meth:`release_prefetched` (messages pushed to this connection but never
+  handed out; :meth:`close` calls it) carry the count unchanged: neither a deferral nor a restart
+  counts as a delivery. Counts are exact but for two cases: a requeue in place followed by a lost
+  connection counts one too few, and a message a consumer cancelled by RabbitMQ had buffered,
+  then received by another connection, one too many. A connection lost between a copy's confirm
+  and the original's ack leaves both (at least once, as for :meth:`defer`).
   RabbitMQ's ``consumer_timeout`` (30 min by default) closes a channel whose oldest delivery stays
   unacknowledged longer; the transport then reconnects and the message is delivered again, as for a
   dead worker. For tasks that run longer, raise ``consumer_timeout`` in ``rabbitmq.conf`` (or per
@@ -99,6 +113,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import logging
 import math
 import os
@@ -121,6 +136,7 @@ from celeriac.brokers.base import (
     Delivery,
     PublishRequest,
     QueueSpec,
+    TransportMessage,
 )
 from celeriac.exceptions import (
     CeleriacError,
@@ -132,6 +148,7 @@ from celeriac.exceptions import (
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+    from pamqp.commands import Basic
 
 __all__ = ["AMQPBroker", "AMQPSettings"]
 
@@ -140,6 +157,10 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 DEFAULT_DEAD_LETTER_QUEUE = "celeriac.dead_letter"
+#: Delivery counts of requeued messages remembered by one connection (the oldest are forgotten).
+_REMEMBERED_REQUEUES = 10_000
+#: Queue, message id, correlation id, task id, digest of the body.
+_Identity = tuple[str, str, str, str, bytes]
 #: Reconnection backoff: first pause and longest pause, in seconds.
 _BACKOFF = (0.1, 5.0)
 #: Longest an operation waits for a lost connection to come back.
@@ -279,6 +300,15 @@ class _Handle:
     tag: int
     consumer: _Consumer | None
     wire_queue: str
+    #: What identifies the message across its redeliveries (see :func:`_identity`).
+    identity: _Identity
+    #: The delivery's number (:attr:`Delivery.delivery_count`).
+    count: int = 1
+    #: Redelivered with a count RabbitMQ did not keep: :meth:`AMQPBroker.fetch` counts it.
+    uncounted: bool = False
+    #: Whether a requeue in place keeps the count: RabbitMQ counts returns (quorum queues), or
+    #: this is the first delivery of its copy (so "redelivered" means exactly one more).
+    requeue_in_place: bool = True
 
 
 @dataclass(eq=False)
@@ -358,6 +388,9 @@ class AMQPBroker(Broker):
         self._exchange_types: dict[str, str] = {}
         #: Background tasks (a consumer resumed after a channel error), kept from the collector.
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Delivery counts of messages this connection gave back to their place in the queue, by
+        #: identity: taken when the message comes back (see "Delivery counts" above).
+        self._requeued: collections.OrderedDict[_Identity, int] = collections.OrderedDict()
 
     # -- names -----------------------------------------------------------------------------------
 
@@ -401,6 +434,7 @@ class AMQPBroker(Broker):
             reconnector.cancel()
             with contextlib.suppress(BaseException):
                 await reconnector
+        await self.release_prefetched()
         link, self._link = self._link, None
         if link is not None:
             with contextlib.suppress(Exception):
@@ -408,6 +442,40 @@ class AMQPBroker(Broker):
         if self._link_changed is not None:
             self._link_changed.set()
         self._wake_fetches()
+
+    async def release_prefetched(self) -> None:
+        """Stop consuming and give back, uncounted, what RabbitMQ pushed to this connection but
+        :meth:`fetch` never handed out; the next fetch consumes again.
+
+        RabbitMQ pushes up to the prefetch count whether or not anyone fetches, and returns what
+        a dead connection held flagged redelivered, so the next consumer counts deliveries nobody
+        used. A worker calls this before a message runs alone (a redelivered one, perhaps a
+        poison message) and :meth:`close` calls it, so that a process that dies is charged only
+        with what it really held, and a restart with nothing. Best effort: what cannot be given
+        back now, RabbitMQ returns itself.
+        """
+        link = self._link
+        if link is not None:
+            await self._return_unused(link)
+
+    async def _return_unused(self, link: _Link) -> None:
+        consumption = link.consumption
+        if consumption is None or not consumption.alive or not link.alive:
+            return
+        try:
+            for consumer in list(consumption.consumers.values()):
+                if consumer.tag:
+                    # After CancelOk nothing more is delivered to this consumer.
+                    await asyncio.wait_for(consumption.channel.basic_cancel(consumer.tag), 5.0)
+                consumption.consumers.pop(consumer.wire, None)
+                consumption.by_tag.pop(consumer.tag, None)
+                unused = [d for d in consumer.buffer if self._live(self._handle(d))]
+                consumer.buffer.clear()
+                if unused:
+                    await self._publish_prepared(link, [self._counted_copy(d) for d in unused])
+                    await self._ack_originals(unused)
+        except Exception as exc:  # RabbitMQ returns them itself, counted
+            logger.info("Could not give back prefetched messages: %s", exc)
 
     def _client_properties(self) -> dict[str, Any]:
         if self.params.connection_name:
@@ -936,6 +1004,7 @@ class AMQPBroker(Broker):
     async def _requeue(self, handles: list[_Handle]) -> None:
         try:
             for handle in handles:
+                self._remember(handle.identity, handle.count - 1)  # never handed out: uncounted
                 await handle.consumption.channel.basic_reject(handle.tag, requeue=True)
                 # Settled only once the reject is on its way: until then a multiple ack of a
                 # later tag stops below this one and cannot ack it by accident.
@@ -1009,11 +1078,20 @@ class AMQPBroker(Broker):
             if exchange == "":
                 routing_key = self._user(routing_key)
             exchange = self._user(exchange)
-        redelivered = bool(frame.redelivered)  # type: ignore[union-attr]
-        count = 2 if redelivered else 1
-        previous = added.get("x-delivery-count")
-        if isinstance(previous, int) and not isinstance(previous, bool):
-            count = max(count, previous + 1)
+        before, returned = codec.previous_deliveries(added)
+        identity = _identity(wire_queue, raw.header.properties, message)
+        uncounted = False
+        count: int
+        if returned is not None:
+            count = before + returned + 1  # a quorum queue counted the returns of this copy
+        elif not frame.redelivered:  # type: ignore[union-attr]
+            count = before + 1
+        elif (requeued := self._requeued.pop(identity, None)) is not None:
+            count = requeued + 1  # given back by this connection, which knows its count
+        else:
+            # Returned when a connection died: at least one delivery more than the copy says.
+            # fetch() republishes it with that count before anyone can run it.
+            count, uncounted = before + 2, True
         consumption.unsettled[tag] = consumer
         if consumer is not None:
             consumer.outstanding += 1
@@ -1023,9 +1101,18 @@ class AMQPBroker(Broker):
             delivery_tag=f"{consumption.generation}.{tag}",
             exchange=exchange,
             routing_key=routing_key,
-            redelivered=redelivered,
+            redelivered=count > 1,
             delivery_count=count,
-            handle=_Handle(consumption, tag, consumer, wire_queue),
+            handle=_Handle(
+                consumption,
+                tag,
+                consumer,
+                wire_queue,
+                identity,
+                count,
+                uncounted,
+                requeue_in_place=returned is not None or count == before + 1,
+            ),
         )
 
     def is_lost(self, delivery: Delivery) -> bool:
@@ -1050,7 +1137,7 @@ class AMQPBroker(Broker):
             while True:
                 link = await self._require_link()
                 try:
-                    return await self._fetch_on(link, names, wires, max_messages, deadline, waiter)
+                    got = await self._fetch_on(link, names, wires, max_messages, deadline, waiter)
                 except CeleriacError:
                     raise
                 except Exception as exc:
@@ -1061,6 +1148,10 @@ class AMQPBroker(Broker):
                     # time the caller gave.
                     logger.info("Fetching again after %s", exc)
                     await asyncio.sleep(0.05)
+                    continue
+                got = await self._count_redeliveries(got)
+                if got or loop.time() >= deadline:
+                    return got
         finally:
             self._waiters.discard(waiter)
 
@@ -1193,6 +1284,71 @@ class AMQPBroker(Broker):
                 break
         return got
 
+    async def _count_redeliveries(self, got: list[Delivery]) -> list[Delivery]:
+        """Republish the redeliveries among ``got`` whose count RabbitMQ did not keep; the rest.
+
+        Each such message goes back to its queue as a copy (confirmed) carrying its count, and
+        the original is acked; the copy is delivered later, counted (see "Delivery counts" in the
+        module docstring). Should the copy fail, the original is handed out as it is, with the
+        lowest count it can have.
+        """
+        unknown = [d for d in got if self._handle(d).uncounted]
+        if not unknown:
+            return got
+        settled: set[int] = set()
+        # A delivery of a channel that died is RabbitMQ's again: it delivers it once more.
+        live = []
+        for delivery in unknown:
+            if self._live(self._handle(delivery)):
+                live.append(delivery)
+            else:
+                settled.add(id(delivery))
+        copies: list[_Outgoing] = []
+        counted: list[Delivery] = []
+        for delivery in live:
+            try:
+                copies.append(self._counted_copy(delivery))
+                counted.append(delivery)
+            except PublishError as exc:  # a header celeriac cannot write back
+                logger.warning("Cannot count a redelivered message again (%s)", exc)
+        if counted:
+            try:
+                link = await self._require_link()
+                await self._publish_prepared(link, copies)
+            except CeleriacError as exc:
+                logger.warning(
+                    "Could not count %d redelivered message(s) (%s); they run with the lowest "
+                    "delivery count they can have.",
+                    len(counted),
+                    exc,
+                )
+            else:
+                await self._ack_originals(counted)
+                settled.update(id(d) for d in counted)
+        return [d for d in got if id(d) not in settled]
+
+    def _counted_copy(self, delivery: Delivery, *, used: bool = False) -> _Outgoing:
+        """A copy of ``delivery`` for the back of its own queue, carrying its count: with this
+        delivery counted (``used``: it was requeued) or not (handed back unused, or a lost
+        delivery's redelivery, whose count already includes the lost one)."""
+        handle = self._handle(delivery)
+        headers = _copy_headers(delivery, used=used)
+        encoded = codec.encode(delivery.message, extra_headers=headers)
+        out = _Outgoing("", delivery.queue, encoded, 0)
+        out.wire_exchange, out.wire_key = "", handle.wire_queue
+        return out
+
+    async def _ack_originals(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack deliveries whose copies RabbitMQ confirmed (those still held by a live channel)."""
+        by_consumption: dict[_Consumption, list[int]] = {}
+        for delivery in deliveries:
+            handle = self._handle(delivery)
+            if self._live(handle):
+                self._settle(handle)
+                by_consumption.setdefault(handle.consumption, []).append(handle.tag)
+        for consumption, tags in by_consumption.items():
+            await self._send_acks(consumption, tags)
+
     def _take(self, consumption: _Consumption, wires: Sequence[str], limit: int) -> list[Delivery]:
         """Up to ``limit`` buffered deliveries: highest priority among the heads, then queue order."""
         consumers = [c for w in wires if (c := consumption.consumers.get(w)) is not None]
@@ -1278,7 +1434,20 @@ class AMQPBroker(Broker):
         handle = self._handle(delivery)
         if not self._live(handle):
             return
+        if requeue and not handle.requeue_in_place:
+            # RabbitMQ would bring it back flagged, which says less than its count: the copy
+            # carries the count, at the back of the queue.
+            try:
+                copy = self._counted_copy(delivery, used=True)
+            except PublishError as exc:  # a header celeriac cannot write back: requeue in place
+                logger.warning("Cannot count a requeued message (%s)", exc)
+            else:
+                link = await self._require_link()
+                await self._publish_prepared(link, [copy])
+                await self._ack_originals([delivery])
+                return
         if requeue:
+            self._remember(handle.identity, delivery.delivery_count)
             try:
                 await handle.consumption.channel.basic_reject(handle.tag, requeue=True)
             except Exception as exc:
@@ -1286,6 +1455,13 @@ class AMQPBroker(Broker):
             self._settle(handle)  # after the reject is queued: see _requeue
             return
         await self._dead_letter(delivery, handle, reason)
+
+    def _remember(self, identity: _Identity, count: int) -> None:
+        """Note the count of a message given back to its place in the queue by this connection."""
+        self._requeued[identity] = count
+        self._requeued.move_to_end(identity)
+        while len(self._requeued) > _REMEMBERED_REQUEUES:
+            self._requeued.popitem(last=False)
 
     async def _dead_letter(self, delivery: Delivery, handle: _Handle, reason: str) -> None:
         link = await self._require_link()
@@ -1330,8 +1506,8 @@ class AMQPBroker(Broker):
         link = await self._require_link()
         delay = _delay_seconds(when)
         wire_queue = handle.wire_queue
-        extra = {codec.ROUTE_HEADER: [delivery.exchange, delivery.routing_key]}
-        encoded = codec.encode(delivery.message, extra_headers=extra)
+        # Handed back unused: the copy's first delivery has this delivery's number.
+        encoded = codec.encode(delivery.message, extra_headers=_copy_headers(delivery))
         out = _Outgoing(delivery.exchange, delivery.routing_key, encoded, delay)
         if delay:
             try:
@@ -1477,6 +1653,31 @@ def _delay_seconds(when: float) -> int:
             f"{topology.MAX_DELAY} s (about 8.5 years)"
         )
     return seconds
+
+
+def _identity(
+    wire_queue: str, properties: Basic.Properties, message: TransportMessage
+) -> _Identity:
+    """What identifies a message when it comes back: its queue, the ids its sender gave it, and
+    a digest of its body (two messages alike in all of these are the same call)."""
+    task_id = message.headers.get("id")
+    return (
+        wire_queue,
+        str(properties.message_id or ""),
+        str(properties.correlation_id or ""),
+        task_id if isinstance(task_id, str) else "",
+        hashlib.blake2b(message.body, digest_size=16).digest(),
+    )
+
+
+def _copy_headers(delivery: Delivery, *, used: bool = False) -> dict[str, Any]:
+    """Headers of a copy of ``delivery`` published by this transport: where it was first sent,
+    and the deliveries before the copy (this one included if it was ``used``)."""
+    headers: dict[str, Any] = {codec.ROUTE_HEADER: [delivery.exchange, delivery.routing_key]}
+    before = delivery.delivery_count if used else delivery.delivery_count - 1
+    if before:
+        headers[codec.DELIVERY_COUNT_HEADER] = before
+    return headers
 
 
 def _count_below(tags: list[int], bound: int) -> int:

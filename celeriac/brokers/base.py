@@ -205,6 +205,14 @@ class Broker(abc.ABC):
         """
         return None
 
+    async def release_prefetched(self) -> None:
+        """Give back, uncounted, messages the broker pushed here that :meth:`fetch` never handed out.
+
+        Only push-based transports (AMQP) hold such messages; lease-based ones hold nothing that
+        was not fetched, so the default does nothing. A worker calls it before a message runs alone.
+        """
+        return None
+
     def is_lost(self, delivery: Delivery) -> bool:
         """Whether the broker has already taken ``delivery`` back and will deliver it again.
 
