@@ -8,8 +8,9 @@ What is refused here, before anything is sent: an unknown option; a ``countdown`
 that is not a finite number of seconds; a negative ``countdown`` (Celery runs it at once, without
 documenting it; it is almost always a bug in the caller, so celeriac says so — pass 0 to run now);
 ``countdown`` together with ``eta``; an ``expires`` that is not after the ``eta`` (the task could
-never run); an unknown time zone. An ``expires`` already past without an ``eta`` is sent with a
-warning, as Celery does, and the worker records the task REVOKED unrun.
+never run); an unknown time zone; a ``time_limit`` or ``soft_time_limit`` that is not a positive
+number of seconds, or a soft limit above the hard one. An ``expires`` already past without an
+``eta`` is sent with a warning, as Celery does, and the worker records the task REVOKED unrun.
 
 Naive datetimes are read as UTC when ``enable_utc`` is on (the default), else in ``timezone``, or
 in the system's local time when no ``timezone`` is set (Celery's ``app.timezone``).
@@ -17,6 +18,7 @@ in the system's local time when no ``timezone`` is set (Celery's ``app.timezone`
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import uuid
@@ -36,6 +38,7 @@ from celeriac.protocol.message import TaskMessage
 from celeriac.protocol.v2 import default_origin
 from celeriac.protocol.validate import DROPPED_HEADERS, MODEL_HEADERS
 from celeriac.utils.suggest import did_you_mean
+from celeriac.utils.time_limits import check_limit, check_pair
 
 if TYPE_CHECKING:
     from celeriac.app.config import Settings
@@ -68,6 +71,8 @@ CALL_OPTIONS: dict[str, str] = {
     "reply_to": "reply queue name carried in the message",
     "retry": "retry the publish while the broker is unreachable (default task_publish_retry)",
     "retry_policy": "how to retry the publish (default task_publish_retry_policy)",
+    "time_limit": "hard time limit in seconds (message header timelimit[0]; default: the task's)",
+    "soft_time_limit": "soft time limit in seconds (timelimit[1]; default: the task's)",
 }
 
 
@@ -249,6 +254,7 @@ def build(
         reply_to=options.get("reply_to"),
         correlation_id=task_id,
         priority=priority,
+        timelimit=_time_limits(name, options, task),
         extra_headers=dict(headers),
     )
     serializer = (
@@ -267,6 +273,23 @@ def build(
     )
 
 
+def _time_limits(
+    name: str, options: Mapping[str, Any], task: Task[Any, Any] | None
+) -> tuple[float | None, float | None]:
+    """The ``timelimit`` header ``[hard, soft]``: the call's limits, else the task's (Celery's).
+
+    As in Celery, a limit given to the call (even None) replaces the task's, and a task sent by
+    name (``send_task``) carries only the call's.
+    """
+    defaults = task.resolved_time_limits() if task is not None else (None, None)
+    hard = options["time_limit"] if "time_limit" in options else defaults[0]
+    soft = options["soft_time_limit"] if "soft_time_limit" in options else defaults[1]
+    hard = check_limit(hard, "time_limit")
+    soft = check_limit(soft, "soft_time_limit")
+    check_pair(hard, soft, f"apply_async() of {name!r}")
+    return hard, soft
+
+
 def _retry_policy(conf: Settings, options: Mapping[str, Any]) -> RetryPolicy:
     """The publish retry policy of one call: ``retry=``/``retry_policy=`` over the settings."""
     retry = options.get("retry")
@@ -282,4 +305,16 @@ def _retry_policy(conf: Settings, options: Mapping[str, Any]) -> RetryPolicy:
         if not isinstance(given, Mapping):
             raise ImproperlyConfigured(f"retry_policy must be a dict, got {given!r}")
         policy.update(given)
-    return parse_retry_policy(policy, "retry_policy")
+    # Types are part of the key: True == 1 for a dict key, not for the policy's checks.
+    key = tuple((name, type(value), value) for name, value in policy.items())
+    try:
+        hash(key)
+    except TypeError:  # an unhashable value: checked (and refused) the long way
+        return parse_retry_policy(policy, "retry_policy")
+    return _parsed_policy(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_policy(items: tuple[tuple[Any, type, Any], ...]) -> RetryPolicy:
+    """Every call with the settings' policy parses the same dict: once is enough."""
+    return parse_retry_policy({name: value for name, _, value in items}, "retry_policy")

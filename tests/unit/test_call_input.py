@@ -125,7 +125,7 @@ def test_async_callers_get_the_same_errors(app: Celery, add: Task[Any, Any]) -> 
             "expires is not after eta",
         ),
         ({"countdwn": 5}, UnknownOptionError, "unknown option 'countdwn'.*'countdown'"),
-        ({"time_limit": 5}, UnknownOptionError, "unknown option 'time_limit'"),
+        ({"time_limit": -5}, ImproperlyConfigured, "time_limit must be a positive number"),
         ({"priority": 10}, ImproperlyConfigured, "priority must be an integer from 0 to 9"),
         ({"priority": "high"}, ImproperlyConfigured, "priority must be an integer"),
         ({"headers": {"id": "x"}}, ImproperlyConfigured, "replace the protocol header 'id'"),
