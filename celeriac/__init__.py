@@ -10,10 +10,12 @@ def add(x, y):
 
 from celeriac import states
 from celeriac.app.base import App, Celery
-from celeriac.app.canvas import Signature, signature
+from celeriac.app.canvas import Signature, maybe_signature, signature
+from celeriac.app.chains import chain
 from celeriac.app.context import Context
+from celeriac.app.groups import group
 from celeriac.app.queues import Exchange, Queue
-from celeriac.app.result import AsyncResult, EagerResult
+from celeriac.app.result import AsyncResult, EagerResult, GroupResult, ResultSet
 from celeriac.app.shared import current_app, shared_task
 from celeriac.app.task import Task
 
@@ -26,11 +28,16 @@ __all__ = [
     "Context",
     "EagerResult",
     "Exchange",
+    "GroupResult",
     "Queue",
+    "ResultSet",
     "Signature",
     "Task",
     "__version__",
+    "chain",
     "current_app",
+    "group",
+    "maybe_signature",
     "shared_task",
     "signature",
     "states",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib
 import os
 import threading
@@ -17,17 +18,24 @@ from celeriac import codecs
 from celeriac._portal import portal
 from celeriac.app import aliases, calling, queues, routing, shared
 from celeriac.app.config import Settings
-from celeriac.app.publishing import publish_with_retry
+from celeriac.app.control import Control
+from celeriac.app.publishing import RetryPolicy, publish_with_retry
 from celeriac.app.registry import TaskRegistry
 from celeriac.app.result import AsyncResult
 from celeriac.app.task import P, R, Task
 from celeriac.backends.base import BackendOptions, ResultBackend
-from celeriac.brokers.base import Broker, BrokerOptions, QueueSpec
+from celeriac.brokers.base import Broker, BrokerOptions, PublishRequest, QueueSpec
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.protocol import TaskMessage, wire
+from celeriac.protocol.envelope import TransportMessage
 from celeriac.signals import after_task_publish, before_task_publish
 
 T = TypeVar("T")
+
+#: Messages per :meth:`Broker.publish_many` call when many are sent together (a group). One call
+#: is one round trip and one commit; past a few thousand messages a bigger call gains little and
+#: holds the broker (a Redis script, an SQLite write transaction) for longer.
+PUBLISH_BATCH = 1000
 
 
 @dataclass(slots=True)
@@ -251,27 +259,57 @@ class Celery:
     # -- sending -----------------------------------------------------------------------------------
 
     async def _publish(self, outgoing: calling.Outgoing) -> None:
-        if outgoing.message.reply_to is None:
-            outgoing.message.reply_to = await self._reply_queue()
+        await self._publish_many((outgoing,))
+
+    async def _publish_many(self, outgoings: Sequence[calling.Outgoing]) -> None:
+        """Publish messages in batches, one call of the broker per destination (a group's members).
+
+        Every message is encoded before anything is sent, so an argument that does not serialize
+        raises with nothing published. The messages of one route and publish retry policy then go
+        to :meth:`Broker.publish_many` in batches of up to :data:`PUBLISH_BATCH`; each batch is
+        stored whole or not at all and is retried as one while the broker is unreachable. A batch
+        that still fails raises, and batches stored before it stay stored. As for a single call,
+        ``before_task_publish`` is sent for each message before it is published (before the first
+        batch) and ``after_task_publish`` for each message once its batch is stored.
+        """
+        if any(outgoing.message.reply_to is None for outgoing in outgoings):
+            reply_to = await self._reply_queue()
+            for outgoing in outgoings:
+                if outgoing.message.reply_to is None:
+                    outgoing.message.reply_to = reply_to
         # Encoding errors are the caller's and are raised at once; only reaching the broker
         # (connecting, declaring, publishing) is retried.
-        transport_message = wire.encode(
-            outgoing.message, serializer=outgoing.serializer, compression=outgoing.compression
-        )
-        route = outgoing.route
+        encoded = [
+            wire.encode(o.message, serializer=o.serializer, compression=o.compression)
+            for o in outgoings
+        ]
         if before_task_publish.receivers:
-            # Receivers may change headers and properties in place (tracing context, for one):
-            # the message is published with them. The body is already encoded: it is for reading.
-            before_task_publish.send(
-                sender=outgoing.message.task,
-                body=_signal_body(outgoing.message),
-                exchange=route.exchange,
-                routing_key=route.routing_key,
-                headers=transport_message.headers,
-                properties=transport_message.properties,
-                declare=[self._declaration(route)] if route.exchange else [],
-                retry_policy=dataclasses.asdict(outgoing.retry_policy),
-            )
+            for outgoing, transport_message in zip(outgoings, encoded, strict=True):
+                # Receivers may change headers and properties in place (tracing context, for
+                # one): the message is published with them. The body is already encoded: it is
+                # for reading.
+                route = outgoing.route
+                before_task_publish.send(
+                    sender=outgoing.message.task,
+                    body=_signal_body(outgoing.message),
+                    exchange=route.exchange,
+                    routing_key=route.routing_key,
+                    headers=transport_message.headers,
+                    properties=transport_message.properties,
+                    declare=[self._declaration(route)] if route.exchange else [],
+                    retry_policy=dataclasses.asdict(outgoing.retry_policy),
+                )
+        for batch in _batches(outgoings, encoded):
+            await self._publish_batch(batch)
+
+    async def _publish_batch(self, batch: Sequence[_Encoded]) -> None:
+        """Publish messages that share one route and retry policy in one broker call."""
+        first = batch[0][0]
+        route = first.route
+        requests = [
+            PublishRequest(message, route.exchange, route.routing_key, outgoing.not_before)
+            for outgoing, message in batch
+        ]
 
         async def attempt() -> None:
             broker = await self.abroker()
@@ -279,24 +317,21 @@ class Celery:
             if route.exchange and route.queue not in conns.declared:
                 await broker.declare(self._declaration(route))
                 conns.declared.add(route.queue)
-            await broker.publish(
-                transport_message,
-                exchange=route.exchange,
-                routing_key=route.routing_key,
-                not_before=outgoing.not_before,
-            )
+            await broker.publish_many(requests)
 
-        await publish_with_retry(
-            attempt, outgoing.retry_policy, f"task {outgoing.message.task}[{outgoing.message.id}]"
-        )
+        what = f"task {first.message.task}[{first.message.id}]"
+        if len(batch) > 1:
+            what += f" and {len(batch) - 1} more to {route.routing_key!r}"
+        await publish_with_retry(attempt, first.retry_policy, what)
         if after_task_publish.receivers:
-            after_task_publish.send(
-                sender=outgoing.message.task,
-                body=_signal_body(outgoing.message),
-                exchange=route.exchange,
-                routing_key=route.routing_key,
-                headers=transport_message.headers,
-            )
+            for outgoing, message in batch:
+                after_task_publish.send(
+                    sender=outgoing.message.task,
+                    body=_signal_body(outgoing.message),
+                    exchange=route.exchange,
+                    routing_key=route.routing_key,
+                    headers=message.headers,
+                )
 
     async def _reply_queue(self) -> str | None:
         """The result store's reply queue for ``reply_to`` (rpc://), None for stores that keep
@@ -304,7 +339,7 @@ class Celery:
         back before there is a queue to receive it."""
         backend = self._loop_connections().backend
         if backend is None:
-            if not aliases.backend_class(self.conf.resolved_result_backend()).uses_reply_queue:
+            if not _uses_reply_queue(self.conf.resolved_result_backend()):
                 return None  # no need to connect a store only to hear it has no queue
             backend = await self.aresult_store()
         return await backend.reply_queue()
@@ -355,6 +390,11 @@ class Celery:
         """The result handle of task ``task_id``."""
         return AsyncResult(task_id, app=self)
 
+    @property
+    def control(self) -> Control:
+        """Remote control: ``app.control.revoke(task_id, terminate=False)``."""
+        return Control(self)
+
     async def apurge(self, queues: Sequence[str] | None = None) -> int:
         """Delete every waiting message of ``queues`` (default queue if none)."""
         broker = await self.abroker()
@@ -369,6 +409,13 @@ App = Celery
 _C = TypeVar("_C", Broker, ResultBackend)
 
 
+@functools.lru_cache(maxsize=16)
+def _uses_reply_queue(url: str) -> bool:
+    """Whether the store of ``url`` takes results through reply queues (asked on every call of a
+    client that never reads a result: the class lookup is done once per URL)."""
+    return bool(aliases.backend_class(url).uses_reply_queue)
+
+
 def _signal_body(message: TaskMessage) -> tuple[Any, ...]:
     """The body as the publish signals show it: Celery's protocol 2 ``(args, kwargs, embed)``."""
     embed = {
@@ -378,6 +425,26 @@ def _signal_body(message: TaskMessage) -> tuple[Any, ...]:
         "chord": message.chord,
     }
     return (message.args, message.kwargs, embed)
+
+
+#: A message to publish and its encoded form.
+_Encoded = tuple[calling.Outgoing, TransportMessage]
+
+
+def _batches(
+    outgoings: Sequence[calling.Outgoing], encoded: Sequence[TransportMessage]
+) -> list[list[_Encoded]]:
+    """The messages grouped by route and retry policy, in order, cut to :data:`PUBLISH_BATCH`."""
+    if len(outgoings) == 1:
+        return [[(outgoings[0], encoded[0])]]
+    groups: dict[tuple[routing.Route, RetryPolicy], list[_Encoded]] = {}
+    for outgoing, message in zip(outgoings, encoded, strict=True):
+        groups.setdefault((outgoing.route, outgoing.retry_policy), []).append((outgoing, message))
+    return [
+        items[start : start + PUBLISH_BATCH]
+        for items in groups.values()
+        for start in range(0, len(items), PUBLISH_BATCH)
+    ]
 
 
 async def _connected(connection: _C) -> _C:

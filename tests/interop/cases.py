@@ -14,8 +14,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import celery
 import pytest
 
+import celeriac
 from tests.interop.conftest import Direction
 
 #: Seconds a result may take. Generous for a loaded 2-core machine; a passing test takes far less.
@@ -130,6 +132,41 @@ class InteropCases:
         results = [sleepy.delay(0.005, i) for i in range(200)]
         assert len({r.id for r in results}) == 200
         assert [r.get(timeout=TIMEOUT) for r in results] == list(range(200))
+
+    def test_chain_runs_to_the_end(self, direction: Direction) -> None:
+        # The first message carries the rest of the chain; the worker on the other side sends
+        # each next step with the result, as the sender's own worker would.
+        add = direction.task("add")
+        result = (add.s(1, 2) | add.s(3) | add.s(4)).apply_async()
+        assert result.get(timeout=TIMEOUT) == 10
+        assert result.parent.get(timeout=TIMEOUT) == 6
+        direction.worker.wait_for(f"interop.add[{result.id}]")
+
+    def test_failed_chain_step_fails_the_chain(self, direction: Direction) -> None:
+        add, fail = direction.task("add"), direction.task("fail")
+        result = (add.s(1, 2) | fail.si() | add.s(4)).apply_async()
+        with pytest.raises(ValueError, match="bad thing"):
+            result.get(timeout=TIMEOUT)
+
+    def test_group(self, direction: Direction) -> None:
+        add = direction.task("add")
+        group = celery.group if direction.sender == "celery" else celeriac.group
+        result = group(add.s(i, i) for i in range(20)).apply_async()
+        assert result.get(timeout=TIMEOUT) == [i + i for i in range(20)]
+        assert result.completed_count() == 20
+
+    def test_time_limit_of_a_celery_client(self, to_celeriac: Direction) -> None:
+        # Celery writes the header timelimit [1, None]; the celeriac worker stops the task at 1 s
+        # and stores TimeLimitExceeded, which Celery's own AsyncResult raises as its class.
+        result = to_celeriac.task("sleepy").apply_async((3, "late"), time_limit=1)
+        with pytest.raises(Exception) as raised:
+            result.get(timeout=TIMEOUT)
+        assert type(raised.value).__name__ == "TimeLimitExceeded"
+        assert type(raised.value).__module__ == "billiard.exceptions"  # Celery's class
+        assert result.state == "FAILURE"
+        to_celeriac.worker.wait_for(
+            f"Hard time limit (1.0s) exceeded for interop.sleepy[{result.id}]"
+        )
 
     def test_async_def_task_on_celeriac_worker(self, to_celeriac: Direction) -> None:
         # Celery has no async def tasks: the Celery client sends by name.
