@@ -1,18 +1,25 @@
 """Running a task body, describing how it ended, and building the message of a retry.
 
-``async def`` bodies run on the worker's event loop; sync bodies on the pool. Either way the
-request context is set for the body (``self.request``), and the outcome is one of SUCCESS,
-FAILURE or RETRY with the value or exception, the traceback text and the run time.
+``async def`` bodies run on the worker's event loop; sync bodies on the pool (a thread, or a pool
+process with ``-P prefork``: see :mod:`celeriac.worker.pools`). Either way the request context is
+set for the body (``self.request``), and the outcome is one of SUCCESS, FAILURE or RETRY with the
+value or exception, the traceback text and the run time.
+
+The time limits of a run are resolved here (:func:`celeriac.worker.timelimits.resolve`); the pool
+enforces them for sync bodies, and :func:`run` for ``async def`` ones (cancelled at their limit).
 
 The task signals (``task_prerun``, then ``task_success``/``task_failure``/``task_retry``, then
-``task_postrun``) are sent where the body runs — on its pool thread for a sync task, on the loop
-for an async one — and in its context, as Celery sends them from the process that runs the task:
-a receiver of ``task_prerun`` can set up what the body then sees (a tracing span, a connection).
-Each is sent only when it has receivers, so a worker nobody listens to pays one list test each.
+``task_postrun``) are sent where the body runs — on its pool thread or in its pool process for a
+sync task, on the loop for an async one — and in its context, as Celery sends them from the process
+that runs the task: a receiver of ``task_prerun`` can set up what the body then sees (a tracing
+span, a connection). Each is sent only when it has receivers, so a worker nobody listens to pays one
+list test each. A body stopped by its hard time limit or by the death of its pool process sends no
+outcome signal (it never got to one), as in Celery.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 import traceback as tb
@@ -24,7 +31,7 @@ from celeriac import states
 from celeriac.app import calling, routing
 from celeriac.app.context import Context, current_request
 from celeriac.app.task import take_unraised_retries
-from celeriac.exceptions import Retry
+from celeriac.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celeriac.signals import (
     ExceptionInfo,
     task_failure,
@@ -33,12 +40,19 @@ from celeriac.signals import (
     task_retry,
     task_success,
 )
-from celeriac.worker.pools import ThreadPool
+from celeriac.worker import timelimits
+from celeriac.worker.logs import logger
 from celeriac.worker.request import Request
+from celeriac.worker.timelimits import TimeLimits
 
 if TYPE_CHECKING:
     from celeriac.app.base import Celery
     from celeriac.app.task import Task
+    from celeriac.worker.pools import Pool
+
+#: Seconds an ``async def`` task cancelled at its hard limit gets to end before it is reported as
+#: ignoring its cancellation (its outcome is TimeLimitExceeded either way).
+ASYNC_CANCEL_GRACE = 1.0
 
 
 @dataclass(slots=True)
@@ -61,25 +75,53 @@ class Outcome:
         return self.value if self.state == states.RETRY else None
 
 
-async def run(request: Request, pool: ThreadPool) -> Outcome:
-    """Run the task of ``request`` once."""
+@dataclass(slots=True)
+class Job:
+    """One run of a sync task body, as a pool receives it."""
+
+    task: Task[Any, Any]
+    context: Context
+    args: list[Any]
+    kwargs: dict[str, Any]
+    limits: TimeLimits
+    #: ``tasks.add[<id>]``, for the pool's log lines.
+    label: str
+
+
+async def run(request: Request, pool: Pool) -> Outcome:
+    """Run the task of ``request`` once, within its time limits."""
     task = request.task
     context = request.context()
     args, kwargs = request.message.args, request.message.kwargs
+    limits = timelimits.resolve(request.message.timelimit, task, pool.limits)
+    if not task.is_async:
+        return await pool.run(Job(task, context, args, kwargs, limits, request.label()))
     token = current_request.set(context)
     try:
-        if task.is_async:
-            outcome = await _run_async(task, context, args, kwargs)
+        if limits.any:
+            outcome = await _run_async_limited(task, context, args, kwargs, limits, request)
         else:
-
-            def call() -> Outcome:
-                current_request.set(context)
-                return _run_sync(task, context, args, kwargs)
-
-            outcome = await pool.run(call)
+            outcome = await _run_async(task, context, args, kwargs)
     finally:
         current_request.reset(token)
         unraised = take_unraised_retries(context)
+    return _with_unraised(outcome, unraised)
+
+
+def run_sync(
+    task: Task[Any, Any], context: Context, args: list[Any], kwargs: dict[str, Any]
+) -> Outcome:
+    """Run a sync body here — on a pool thread or in a pool process — with ``self.request`` set."""
+    token = current_request.set(context)
+    try:
+        outcome = _run_sync(task, context, args, kwargs)
+    finally:
+        current_request.reset(token)
+        unraised = take_unraised_retries(context)
+    return _with_unraised(outcome, unraised)
+
+
+def _with_unraised(outcome: Outcome, unraised: list[Retry]) -> Outcome:
     if unraised:
         raised = outcome.retry
         outcome.unraised = tuple(r for r in unraised if r is not raised)
@@ -107,19 +149,101 @@ def _run_sync(
 
 
 async def _run_async(
-    task: Task[Any, Any], context: Context, args: list[Any], kwargs: dict[str, Any]
+    task: Task[Any, Any],
+    context: Context,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    soft_limit: bool = False,
 ) -> Outcome:
     if task_prerun.receivers:
         task_prerun.send(sender=task, task_id=context.id, task=task, args=args, kwargs=kwargs)
     started = time.perf_counter()
     try:
-        value = await task(*args, **kwargs)
+        body = task(*args, **kwargs)
+        value = await (timelimits.soft_limited(body) if soft_limit else body)
     except Exception as exc:
         outcome = _raised(exc, started)
     else:
         outcome = Outcome(states.SUCCESS, value, time.perf_counter() - started)
     _send_outcome(task, context, args, kwargs, outcome)
     return outcome
+
+
+async def _run_async_limited(
+    task: Task[Any, Any],
+    context: Context,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    limits: TimeLimits,
+    request: Request,
+) -> Outcome:
+    """Run an ``async def`` body as a task of its own, cancelled at its soft and hard limits."""
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    soft = limits.soft is not None
+    body = asyncio.ensure_future(_run_async(task, context, args, kwargs, soft_limit=soft))
+    soft_timer = None
+    if limits.soft is not None:
+        soft_timer = loop.call_later(limits.soft, _soft_limit_reached, body, limits.soft, request)
+    try:
+        done, _ = await asyncio.wait({body}, timeout=limits.hard)
+    except asyncio.CancelledError:
+        # Cancelled from outside (cold shutdown, revoke): the body is cancelled with it.
+        body.cancel()
+        body.add_done_callback(_consume)
+        raise
+    finally:
+        if soft_timer is not None:
+            soft_timer.cancel()
+    if done:
+        if body.cancelled():
+            # The soft limit's cancellation left the body as a CancelledError it did not convert.
+            return failure(SoftTimeLimitExceeded(), time.perf_counter() - started)
+        return body.result()
+    assert limits.hard is not None
+    logger.error("Hard time limit (%ss) exceeded for %s", limits.hard, request)
+    body.cancel(timelimits.HARD_LIMIT_MESSAGE)
+    ended, _ = await asyncio.wait({body}, timeout=ASYNC_CANCEL_GRACE)
+    if not ended:
+        logger.error(
+            "Task %s is still running %.1fs after its cancellation at its hard time limit: it "
+            "catches CancelledError and goes on. Its outcome is TimeLimitExceeded; whatever it "
+            "does from now on is not recorded.",
+            request,
+            ASYNC_CANCEL_GRACE,
+        )
+    body.add_done_callback(_consume)
+    return time_limit_exceeded(limits.hard, time.perf_counter() - started)
+
+
+def _soft_limit_reached(body: asyncio.Future[Outcome], soft: float, request: Request) -> None:
+    if not body.done():
+        logger.warning("Soft time limit (%ss) exceeded for %s", soft, request)
+        body.cancel(timelimits.SOFT_LIMIT_MESSAGE)
+
+
+def _consume(body: asyncio.Future[Outcome]) -> None:
+    """Retrieve the end of a body nobody waits for any more (no 'never retrieved' warnings)."""
+    if not body.cancelled():
+        body.exception()
+
+
+def failure(error: BaseException, runtime: float, *, worker_lost: bool = False) -> Outcome:
+    """A FAILURE with ``error``, raised where the body was not (a limit, a lost process)."""
+    text = "".join(tb.format_exception_only(error))
+    return Outcome(states.FAILURE, error, runtime, text, worker_lost=worker_lost)
+
+
+def time_limit_exceeded(hard: float, runtime: float) -> Outcome:
+    """The outcome of a body stopped at its hard limit: ``TimeLimitExceeded(<limit>)``, Celery's."""
+    return failure(TimeLimitExceeded(hard), runtime)
+
+
+def worker_lost(description: str, runtime: float) -> Outcome:
+    """The outcome of a body whose pool process died: ``description`` is e.g. ``signal 9 (SIGKILL)``."""
+    return failure(
+        WorkerLostError(f"Worker exited prematurely: {description}"), runtime, worker_lost=True
+    )
 
 
 def _raised(exc: Exception, started: float) -> Outcome:

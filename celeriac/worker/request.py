@@ -135,10 +135,6 @@ class Request:
         """
         m = self.message
         notes = []
-        if m.timelimit != (None, None):
-            notes.append(f"time limits (hard, soft) = {m.timelimit} are not enforced")
-        if m.chain:
-            notes.append(f"the remaining chain of {len(m.chain)} step(s) will not be sent")
         if m.chord:
             notes.append("the chord body will not be sent")
         return notes
