@@ -14,6 +14,7 @@ original exception (or :class:`~celeriac.exceptions.MaxRetriesExceededError`) is
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import math
@@ -35,7 +36,9 @@ from celeriac.exceptions import (
     Retry,
     UnknownOptionError,
 )
+from celeriac.utils.rates import check_scope, parse_rate
 from celeriac.utils.suggest import did_you_mean
+from celeriac.utils.time_limits import check_limit, check_pair
 
 if TYPE_CHECKING:
     from celeriac.app.base import Celery
@@ -58,6 +61,8 @@ TASK_OPTIONS: dict[str, str] = {
     "store_errors_even_if_ignored": "store failures even if the result is ignored",
     "track_started": "store STARTED when the task begins",
     "acks_late": "acknowledge after running (celeriac default True)",
+    "reject_on_worker_lost": "requeue the message when the process running it dies (default True)",
+    "max_deliveries": "deliveries before the message is dead-lettered (default 5; None: no cap)",
     "max_retries": "retries before the error is final (default 3; None: retry for ever)",
     "default_retry_delay": "seconds before a retry that gives no countdown or eta (default 180)",
     "autoretry_for": "exception classes that retry the task automatically",
@@ -67,7 +72,25 @@ TASK_OPTIONS: dict[str, str] = {
     "retry_backoff_max": "longest automatic backoff in seconds (default 600)",
     "retry_jitter": "pick each backoff at random between 0 and its computed value (default True)",
     "typing": "check call arguments against the signature before sending",
+    "time_limit": "hard time limit in seconds: the task is stopped and fails with "
+    "TimeLimitExceeded (default: task_time_limit)",
+    "soft_time_limit": "seconds after which SoftTimeLimitExceeded is raised in the task "
+    "(default: task_soft_time_limit)",
+    "rate_limit": "most starts per second: a number, or '10/s', '10/m', '10/h' (default: "
+    "task_default_rate_limit)",
+    "rate_limit_scope": "'worker': the limit holds per worker (Celery's); 'cluster': for all "
+    "workers together (default: task_default_rate_limit_scope)",
 }
+
+
+class _FromConfig(enum.Enum):
+    """A task option left to its app setting, where None is a value of its own."""
+
+    FROM_CONFIG = "from config"
+
+
+#: ``max_deliveries`` not given: ``task_max_deliveries`` applies.
+FROM_CONFIG = _FromConfig.FROM_CONFIG
 
 #: Arguments of :meth:`Task.retry` besides the ``apply_async`` options it passes on.
 _RETRY_PARAMS = frozenset({"args", "kwargs", "exc", "throw", "eta", "countdown", "max_retries"})
@@ -151,6 +174,9 @@ class Task(Generic[P, R]):
     store_errors_even_if_ignored: ClassVar[bool | None] = None
     track_started: ClassVar[bool | None] = None
     acks_late: ClassVar[bool | None] = None
+    reject_on_worker_lost: ClassVar[bool | None] = None
+    #: :data:`FROM_CONFIG`: ``task_max_deliveries`` applies (None is a value here: no cap).
+    max_deliveries: ClassVar[int | _FromConfig | None] = FROM_CONFIG
     max_retries: ClassVar[int | None] = 3
     default_retry_delay: ClassVar[float] = 180.0
     autoretry_for: ClassVar[tuple[type[BaseException], ...]] = ()
@@ -160,6 +186,15 @@ class Task(Generic[P, R]):
     retry_backoff_max: ClassVar[float] = 600
     retry_jitter: ClassVar[bool] = True
     typing: ClassVar[bool] = True
+    #: Celery's: None, tasks per second, or ``"N/s"``, ``"N/m"``, ``"N/h"``; None falls back to
+    #: ``task_default_rate_limit``.
+    rate_limit: ClassVar[str | float | None] = None
+    #: ``"worker"`` or ``"cluster"``; None falls back to ``task_default_rate_limit_scope``.
+    rate_limit_scope: ClassVar[str | None] = None
+    #: Seconds before the task is stopped (TimeLimitExceeded); None: ``task_time_limit``.
+    time_limit: ClassVar[float | None] = None
+    #: Seconds before SoftTimeLimitExceeded is raised in it; None: ``task_soft_time_limit``.
+    soft_time_limit: ClassVar[float | None] = None
     #: The wrapped function.
     fun: ClassVar[Callable[..., Any]]
     #: Whether the wrapped function is ``async def``.
@@ -194,6 +229,9 @@ class Task(Generic[P, R]):
         task_cls: type[Task[Any, Any]] = type(fun.__name__, (base,), attrs)
         task: Task[Any, Any] = task_cls()
         task._check_retry_options()
+        task._check_rate_limit()
+        task._check_delivery_options()
+        task._check_time_limits()
         if task.autoretry_for:
             task_cls.fun = staticmethod(task._with_autoretry(fun))
         return task
@@ -231,6 +269,50 @@ class Task(Generic[P, R]):
             _retry_limit(kwargs["max_retries"], f"retry_kwargs['max_retries'] of {where}")
         if "countdown" in kwargs:
             _number(kwargs["countdown"], f"retry_kwargs['countdown'] of {where}")
+
+    def _check_delivery_options(self) -> None:
+        """Refuse ``max_deliveries`` / ``reject_on_worker_lost`` of the wrong type at declaration."""
+        where = f"task {self.name}"
+        cap = self.max_deliveries
+        if (
+            cap is not FROM_CONFIG
+            and cap is not None
+            and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1)
+        ):
+            raise ImproperlyConfigured(
+                f"max_deliveries of {where} must be an integer >= 1, or None for no cap; "
+                f"got {cap!r}"
+            )
+        reject = self.reject_on_worker_lost
+        if reject is not None and not isinstance(reject, bool):
+            raise ImproperlyConfigured(
+                f"reject_on_worker_lost of {where} must be True or False, not {reject!r}"
+            )
+
+    def _check_time_limits(self) -> None:
+        """Refuse a time limit that is not a positive number of seconds, or a soft one above the
+        hard one, when the task is declared."""
+        where = f"task {self.name}"
+        cls = type(self)
+        cls.time_limit = check_limit(self.time_limit, f"time_limit of {where}")
+        cls.soft_time_limit = check_limit(self.soft_time_limit, f"soft_time_limit of {where}")
+        check_pair(self.time_limit, self.soft_time_limit, where)
+
+    def resolved_time_limits(self) -> tuple[float | None, float | None]:
+        """``(time_limit, soft_time_limit)``, each falling back to its ``task_*`` setting."""
+        conf = self.app.conf
+        hard = self.time_limit if self.time_limit is not None else conf.task_time_limit
+        soft = self.soft_time_limit
+        if soft is None:
+            soft = conf.task_soft_time_limit
+        return hard, soft
+
+    def _check_rate_limit(self) -> None:
+        """Refuse a bad ``rate_limit`` or ``rate_limit_scope`` when the task is declared (Celery
+        finds a bad rate string only when a worker starts, and then fails obscurely)."""
+        parse_rate(self.rate_limit, f"rate_limit of task {self.name}")
+        if self.rate_limit_scope is not None:
+            check_scope(self.rate_limit_scope, f"rate_limit_scope of task {self.name}")
 
     def _with_autoretry(self, fun: Callable[..., Any]) -> Callable[..., Any]:
         """``fun`` wrapped so that the exceptions of ``autoretry_for`` retry the task (Celery's
@@ -593,11 +675,37 @@ class Task(Generic[P, R]):
             return self.acks_late
         return self.app.conf.task_acks_late
 
+    def resolved_reject_on_worker_lost(self) -> bool:
+        """``reject_on_worker_lost``, falling back to ``task_reject_on_worker_lost``."""
+        if self.reject_on_worker_lost is not None:
+            return self.reject_on_worker_lost
+        return self.app.conf.task_reject_on_worker_lost
+
+    def resolved_max_deliveries(self) -> int | None:
+        """``max_deliveries``, falling back to ``task_max_deliveries`` (None: no cap)."""
+        cap = self.max_deliveries
+        if isinstance(cap, _FromConfig):
+            return self.app.conf.task_max_deliveries
+        return cap
+
     def resolved_track_started(self) -> bool:
         """``track_started``, falling back to ``task_track_started``."""
         if self.track_started is not None:
             return self.track_started
         return self.app.conf.task_track_started
+
+    def resolved_rate_limit(self) -> float | None:
+        """Starts per second allowed (``rate_limit``, else ``task_default_rate_limit``); None:
+        no limit."""
+        if self.rate_limit is not None:
+            return parse_rate(self.rate_limit, f"rate_limit of task {self.name}")
+        return parse_rate(self.app.conf.task_default_rate_limit, "task_default_rate_limit")
+
+    def resolved_rate_limit_scope(self) -> str:
+        """``rate_limit_scope``, falling back to ``task_default_rate_limit_scope``."""
+        if self.rate_limit_scope is not None:
+            return self.rate_limit_scope
+        return self.app.conf.task_default_rate_limit_scope
 
     def resolved_store_errors(self) -> bool:
         """``store_errors_even_if_ignored``, falling back to the app setting."""
