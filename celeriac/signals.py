@@ -27,7 +27,8 @@ signal                     sender                  arguments
 ``task_revoked``           the task                ``request``, ``terminated``, ``signum``,
                                                    ``expired`` (sent for an expired task)
 ``worker_init``            the worker              (before it connects)
-``worker_process_init``    the worker's hostname   (once: the worker process runs the tasks itself)
+``worker_process_init``    the worker's hostname   (in each ``-P prefork`` child as it starts; once,
+                                                   in the worker process, for other pools)
 ``worker_ready``           the worker              (when it starts consuming)
 ``worker_shutdown``        the worker              (after it stopped and closed its connections)
 =========================  ======================  ==================================================

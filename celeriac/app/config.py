@@ -11,6 +11,9 @@ Where Celery's default is unsafe ours is safe, and the description says so:
 
 * ``task_acks_late`` is **on**: a task is acknowledged after it ran, so a worker that dies mid-task
   does not lose it (Celery acks before running by default).
+* ``task_reject_on_worker_lost`` is **on** and ``task_max_deliveries`` caps it: a task whose process
+  died is delivered again, and a message that keeps killing its worker is dead-lettered after 5
+  deliveries (Celery fails the task, or with the setting on delivers it for ever).
 * ``accept_content`` is ``["json"]`` (as in Celery 4+): pickle, yaml and msgpack need an explicit
   opt-in.
 """
@@ -26,7 +29,9 @@ from typing import Any
 
 from celeriac.app.queues import Queue, check_task_queues
 from celeriac.exceptions import ImproperlyConfigured
+from celeriac.utils.rates import check_scope, parse_rate
 from celeriac.utils.suggest import did_you_mean
+from celeriac.utils.time_limits import check_limit
 
 BROKER_URL_ENV = "CELERIAC_BROKER_URL"
 RESULT_BACKEND_ENV = "CELERIAC_RESULT_BACKEND"
@@ -54,6 +59,19 @@ def _seconds(value: Any, name: str) -> float | None:
     if value < 0:
         raise ImproperlyConfigured(f"{name} must not be negative, got {value!r}")
     return float(value)
+
+
+def _positive_seconds(value: Any, name: str) -> float:
+    seconds = _seconds(value, name)
+    if not seconds:
+        raise ImproperlyConfigured(f"{name} must be more than 0 seconds, got {value!r}")
+    return seconds
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ImproperlyConfigured(f"{name} must be an integer >= {minimum}, not {value!r}")
+    return value
 
 
 def _str_list(value: Any, name: str) -> list[str]:
@@ -116,6 +134,11 @@ def _queue_type(value: Any, name: str) -> str:
     if value not in ("classic", "quorum"):
         raise ImproperlyConfigured(f"{name} must be 'classic' or 'quorum', got {value!r}")
     return str(value)
+
+
+def _rate_limit(value: Any, name: str) -> Any:
+    parse_rate(value, name)  # refused now rather than when a worker starts
+    return value
 
 
 def _routes(value: Any, name: str) -> Any:
@@ -188,6 +211,17 @@ class _SettingsFields:
         "RabbitMQ queue type of declared queues: classic or quorum.", "classic"
     )
     task_default_priority: int | None = _doc("Priority of tasks that give none (0-9).", None)
+    task_default_rate_limit: str | float | None = _doc(
+        "rate_limit of tasks that set none: tasks per second, or 'N/s', 'N/m', 'N/h'. None: no "
+        "limit.",
+        None,
+    )
+    task_default_rate_limit_scope: str = _doc(
+        "Where rate limits hold when a task sets no rate_limit_scope: 'worker' (each worker on "
+        "its own, Celery's meaning) or 'cluster' (all workers together, counted in the broker, or "
+        "in the result store on RabbitMQ).",
+        "worker",
+    )
     task_routes: Any = _doc(
         "Routes: {'name or glob': {'queue': ...}}, a router callable "
         "(name, args, kwargs, options, task) -> dict | None, or a list of those.",
@@ -197,6 +231,17 @@ class _SettingsFields:
         "Acknowledge a task after it ran (at-least-once). celeriac default True; Celery's is "
         "False, which loses the task if its worker dies.",
         True,
+    )
+    task_reject_on_worker_lost: bool = _doc(
+        "When the process running a task dies (acks_late), put its message back in the queue "
+        "(counted, and capped by task_max_deliveries). celeriac default True; Celery's is False, "
+        "which fails the task with WorkerLostError.",
+        True,
+    )
+    task_max_deliveries: int | None = _doc(
+        "Deliveries of a message before it is dead-lettered instead of run again: a message whose "
+        "task keeps killing its worker ends FAILURE (WorkerLostError) with its count. None: no cap.",
+        5,
     )
     task_publish_retry: bool = _doc(
         "Retry a publish while the broker is unreachable (per task_publish_retry_policy); "
@@ -218,6 +263,16 @@ class _SettingsFields:
         "Store failures even of tasks whose result is ignored.", False
     )
     task_track_started: bool = _doc("Store the STARTED state when a task begins.", False)
+    task_time_limit: float | None = _doc(
+        "Hard time limit in seconds of tasks that set none: the task is stopped (prefork: its "
+        "process killed) and fails with TimeLimitExceeded. None: no limit.",
+        None,
+    )
+    task_soft_time_limit: float | None = _doc(
+        "Soft time limit in seconds of tasks that set none: SoftTimeLimitExceeded is raised in "
+        "the task, which may catch it. None: no limit.",
+        None,
+    )
     result_persistent: bool = _doc(
         "Send rpc:// results as persistent messages (delivery_mode 2).", False
     )
@@ -229,6 +284,33 @@ class _SettingsFields:
     )
     worker_concurrency: int | None = _doc(
         "Tasks run at once by one worker. None: the number of CPUs.", None
+    )
+    worker_async_concurrency: int | None = _doc(
+        "async def tasks run at once by one worker, on its event loop, beside the pool's "
+        "worker_concurrency sync tasks. None: max(worker_concurrency, 100); with -P solo, the "
+        "pool's single slot (one task at a time).",
+        None,
+    )
+    worker_max_tasks_per_child: int | None = _doc(
+        "prefork: a pool process is replaced after this many tasks. None: never.", None
+    )
+    worker_max_memory_per_child: int | None = _doc(
+        "prefork: a pool process is replaced after a task that leaves its resident memory above "
+        "this many KiB. None: never.",
+        None,
+    )
+    worker_disable_rate_limits: bool = _doc(
+        "Apply no rate limits in this worker (per worker and cluster-wide alike).", False
+    )
+    worker_revokes_max: int = _doc(
+        "Revoked task ids kept in the broker (or result store) and in each worker: the newest "
+        "ones (Celery's REVOKES_MAX).",
+        50_000,
+    )
+    worker_revoke_expires: float = _doc(
+        "Seconds (or a timedelta) a revoke lasts; give clients and workers the same value "
+        "(Celery's REVOKE_EXPIRES, 3 h).",
+        10800.0,
     )
     timezone: str | None = _doc("Time zone for naive datetimes when enable_utc is False.", None)
     enable_utc: bool = _doc("Naive datetimes given as eta/expires are UTC.", True)
@@ -256,17 +338,29 @@ _VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
     "task_queue_max_priority": _optional_int,
     "task_default_queue_type": _queue_type,
     "task_default_priority": _optional_int,
+    "task_default_rate_limit": _rate_limit,
+    "task_default_rate_limit_scope": check_scope,
     "task_routes": _routes,
     "task_acks_late": _bool,
+    "task_reject_on_worker_lost": _bool,
+    "task_max_deliveries": lambda v, n: _optional_int(v, n, minimum=1),
     "task_publish_retry": _bool,
     "task_publish_retry_policy": _retry_policy,
     "task_ignore_result": _bool,
     "task_store_errors_even_if_ignored": _bool,
     "task_track_started": _bool,
+    "task_time_limit": check_limit,
+    "task_soft_time_limit": check_limit,
     "result_persistent": _bool,
     "result_extended": _bool,
     "worker_prefetch_multiplier": lambda v, n: _optional_int(v, n, minimum=1),
     "worker_concurrency": lambda v, n: _optional_int(v, n, minimum=1),
+    "worker_async_concurrency": lambda v, n: _optional_int(v, n, minimum=1),
+    "worker_max_tasks_per_child": lambda v, n: _optional_int(v, n, minimum=1),
+    "worker_max_memory_per_child": lambda v, n: _optional_int(v, n, minimum=1),
+    "worker_disable_rate_limits": _bool,
+    "worker_revokes_max": lambda v, n: _int(v, n, minimum=1),
+    "worker_revoke_expires": _positive_seconds,
     "timezone": _optional_str,
     "enable_utc": _bool,
     "imports": _str_list,

@@ -74,7 +74,10 @@ def main(
 
 @main.command()
 @click.option(
-    "-Q", "--queues", help="Comma-separated queues to consume (default: task_default_queue)."
+    "-Q",
+    "--queues",
+    help="Comma-separated queues to consume (default: task_default_queue); name:N runs at most "
+    "N tasks of that queue at once, in slots of its own (e.g. -Q cpu:4,io:500,celery).",
 )
 @click.option(
     "-l",
@@ -84,42 +87,86 @@ def main(
     type=click.Choice(LEVELS, case_sensitive=False),
 )
 @click.option(
-    "-c", "--concurrency", type=click.IntRange(min=1), help="Tasks run at once (default: CPUs)."
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Sync tasks run at once: the pool's threads or processes (default: CPUs).",
+)
+@click.option(
+    "--async-concurrency",
+    type=click.IntRange(min=1),
+    help="async def tasks run at once on the event loop (default: worker_async_concurrency, "
+    "else the larger of -c and 100; with -P solo, one task at a time).",
 )
 @click.option(
     "-P",
     "--pool",
     default="threads",
     show_default=True,
-    help="Pool for sync tasks: threads or solo.",
+    help="Pool for sync tasks: prefork (alias processes), threads or solo.",
 )
 @click.option("-n", "--hostname", help="Node name (%h, %n, %d expand as in Celery).")
 @click.option("--prefetch-multiplier", type=click.IntRange(min=1), help="Messages leased per slot.")
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Hard time limit in seconds of tasks that set none (default: task_time_limit).",
+)
+@click.option(
+    "--soft-time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Soft time limit in seconds of tasks that set none (default: task_soft_time_limit).",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    help="prefork: replace a pool process after this many tasks.",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.IntRange(min=1),
+    help="prefork: replace a pool process after a task leaves its resident memory above this (KiB).",
+)
 @click.pass_obj
 def worker(
     obj: _Context,
     queues: str | None,
     loglevel: str,
     concurrency: int | None,
+    async_concurrency: int | None,
     pool: str,
     hostname: str | None,
     prefetch_multiplier: int | None,
+    time_limit: float | None,
+    soft_time_limit: float | None,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: int | None,
 ) -> None:
     """Start a worker."""
+    from celeriac.worker.slots import parse_queues
     from celeriac.worker.worker import Worker
 
+    try:
+        queue_list, queue_concurrency = parse_queues(queues or "")
+    except CeleriacError as exc:
+        raise click.BadParameter(str(exc), param_hint="'-Q' / '--queues'") from None
     setup_logging(loglevel)
     app = obj.app
     try:
         app.import_default_modules()
-        queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
         w = Worker(
             app,
-            queues=queue_list,
+            queues=queue_list or None,
+            queue_concurrency=queue_concurrency,
             concurrency=concurrency,
+            async_concurrency=async_concurrency,
             pool=pool,
             hostname=hostname,
             prefetch_multiplier=prefetch_multiplier,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
         )
     except CeleriacError as exc:
         raise click.ClickException(str(exc)) from None
@@ -141,15 +188,28 @@ def _banner(app: Celery, w: Any) -> str:
         f" .> app:         {app.main or '__main__'}",
         f" .> transport:   {redact_url(app.conf.resolved_broker_url())}",
         f" .> results:     {redact_url(app.conf.resolved_result_backend())}",
-        f" .> concurrency: {w.concurrency} ({w.pool_name}; async def tasks on the event loop)",
+        f" .> concurrency: {_concurrency(w)}",
         f" .> prefetch:    {w.prefetch}",
         f" .> acks:        {'late (after the task ran)' if app.conf.task_acks_late else 'early'}",
         " [queues]",
-        *(f"  .> {q}" for q in w.queues),
+        *(f"  .> {_queue_line(w, q)}" for q in w.queues),
         " [tasks]",
         *(f"  . {t}" for t in tasks),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _concurrency(w: Any) -> str:
+    if w.slots.shared:
+        return f"{w.concurrency} ({w.pool_name}; async def tasks too, one at a time)"
+    return f"{w.concurrency} ({w.pool_name}), {w.async_concurrency} async def tasks (event loop)"
+
+
+def _queue_line(w: Any, queue: str) -> str:
+    group = w.slots.group_of(queue)
+    if group.limit is None:
+        return queue
+    return f"{queue} ({group.limit} at once, prefetch {group.prefetch})"
 
 
 @main.command()

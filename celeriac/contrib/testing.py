@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -38,13 +38,36 @@ def start_worker(
     pool: str = "threads",
     ready_timeout: float = 10.0,
     shutdown_timeout: float = 10.0,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    max_tasks_per_child: int | None = None,
+    max_memory_per_child: int | None = None,
+    async_concurrency: int | None = None,
+    queue_concurrency: Mapping[str, int] | None = None,
 ) -> Iterator[Worker]:
     """Start a worker for ``app`` in a background thread; stop it (warm) on exit.
 
     Raises the worker's own error if it fails to start, and ``TimeoutError`` if it is not ready
     within ``ready_timeout`` seconds or not stopped within ``shutdown_timeout``.
+
+    ``pool="prefork"`` runs sync tasks in child processes, which import the app by its module:
+    define the app and its tasks at module level in an importable module (a test module is one).
+
+    ``async_concurrency`` and ``queue_concurrency`` are the worker's ``--async-concurrency`` and
+    ``-Q name:N`` (e.g. ``queues=["cpu", "io"], queue_concurrency={"io": 500}``).
     """
-    worker = Worker(app, queues=queues, concurrency=concurrency, pool=pool)
+    worker = Worker(
+        app,
+        queues=queues,
+        concurrency=concurrency,
+        pool=pool,
+        time_limit=time_limit,
+        soft_time_limit=soft_time_limit,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=max_memory_per_child,
+        async_concurrency=async_concurrency,
+        queue_concurrency=queue_concurrency,
+    )
     loop = asyncio.new_event_loop()
     failure: list[BaseException] = []
 

@@ -1,0 +1,393 @@
+"""Concurrency slots: the async limit beside the pool's, per-queue limits, and their prefetch.
+
+The arithmetic is checked on :class:`~celeriac.worker.slots.Slots` itself; the behaviour on
+embedded workers (memory broker): async tasks run beside a busy pool, each limit holds, and a
+queue whose slots are all busy does not hold back another queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from celeriac import Celery
+from celeriac.cli.main import main
+from celeriac.contrib.testing import start_worker
+from celeriac.exceptions import ImproperlyConfigured
+from celeriac.worker import Worker
+from celeriac.worker.slots import DEFAULT_ASYNC_CONCURRENCY, Slots, parse_queues
+from tests import services
+
+
+def make_app(kinds: str = "sync+async") -> Celery:
+    name = f"memory://{uuid.uuid4()}"
+    app = Celery("slots", broker=name, backend=name, set_as_current=False)
+    if "sync" in kinds.split("+"):
+
+        @app.task(name="slots.sync")
+        def sync() -> None:
+            pass
+
+    if "async" in kinds.split("+"):
+
+        @app.task(name="slots.async")
+        async def async_() -> None:
+            pass
+
+    return app
+
+
+def slots(app: Celery, queues: list[str] | None = None, **options: Any) -> Slots:
+    settings: dict[str, Any] = {"concurrency": 2, "pool": "threads", "multiplier": 4}
+    settings.update(options)
+    # Only the tasks made here: shared tasks of other tests' modules would join every app.
+    tasks = [task for name, task in app.tasks.items() if name.startswith("slots.")]
+    return Slots(queues or ["celery"], tasks=tasks, **settings)
+
+
+# -- the -Q option --------------------------------------------------------------------------------
+
+
+def test_queues_with_and_without_their_own_limit() -> None:
+    assert parse_queues("cpu:4, io:500 ,celery,") == (
+        ["cpu", "io", "celery"],
+        {"cpu": 4, "io": 500},
+    )
+    assert parse_queues("celery") == (["celery"], {})
+    assert parse_queues("") == ([], {})
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ("a:0", "a:0: a queue runs at least 1 task at once"),
+        ("a:x", "a:x: 'x' is not a whole number of tasks; write a:N with N >= 1"),
+        ("a:-1", "a:-1: '-1' is not a whole number of tasks"),
+        ("a:", "a:: '' is not a whole number of tasks"),
+        ("a:1:2", "a:1:2: '1:2' is not a whole number of tasks"),
+        (":4", "':4': the queue name is missing before ':'"),
+        ("a,b,a", "queue 'a' is listed twice"),
+        ("a:2,a:3", "queue 'a' is listed twice"),
+    ],
+)
+def test_bad_queue_specs_are_one_clear_error(spec: str, error: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match="^" + _escape(error)):
+        parse_queues(spec)
+
+
+def _escape(text: str) -> str:
+    return re.escape(text)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["-Q", "io:0"], "Invalid value for '-Q' / '--queues': io:0: a queue runs at least 1 task"),
+        (["-Q", "io:many"], "Invalid value for '-Q' / '--queues': io:many: 'many' is not"),
+        (["-Q", "a,a"], "Invalid value for '-Q' / '--queues': queue 'a' is listed twice"),
+        (["--async-concurrency", "0"], "Invalid value for '--async-concurrency'"),
+    ],
+)
+def test_the_command_line_refuses_bad_limits_before_starting(args: list[str], error: str) -> None:
+    result = CliRunner().invoke(main, ["worker", *args])
+    assert result.exit_code == 2
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {error}"), result.output
+
+
+# -- slots and prefetch ------------------------------------------------------------------------
+
+
+def test_a_worker_without_async_tasks_keeps_celerys_prefetch() -> None:
+    only_sync = slots(make_app("sync"), concurrency=3)
+    assert only_sync.prefetch == 3 * 4
+    assert only_sync.pool_size == 3
+    [group] = only_sync.groups
+    assert group.slots == 3
+    assert group.slot(is_async=False)._value == 3  # the pool's slots, as before
+
+
+def test_async_tasks_get_their_own_limit_and_prefetch() -> None:
+    mixed = slots(make_app(), concurrency=2)
+    assert mixed.async_concurrency == DEFAULT_ASYNC_CONCURRENCY
+    assert mixed.prefetch == (2 + DEFAULT_ASYNC_CONCURRENCY) * 4
+    [group] = mixed.groups
+    assert group.slot(is_async=True) is not group.slot(is_async=False)
+    assert group.slot(is_async=True)._value == DEFAULT_ASYNC_CONCURRENCY
+    assert mixed.pool_size == 2  # the threads stay -c
+
+    # All async: the pool's slots, never used, are not prefetched for.
+    only_async = slots(make_app("async"), concurrency=2, async_concurrency=500)
+    assert only_async.prefetch == 500 * 4
+    # -c above the default also raises the async default: -c 500 still runs 500 at once.
+    assert slots(make_app(), concurrency=500).async_concurrency == 500
+
+
+def test_solo_runs_one_task_at_a_time_of_either_kind_unless_told() -> None:
+    solo = slots(make_app(), concurrency=1, pool="solo")
+    [group] = solo.groups
+    assert solo.shared
+    assert group.slot(is_async=True) is group.slot(is_async=False)
+    assert solo.prefetch == 4
+    told = slots(make_app(), concurrency=1, pool="solo", async_concurrency=50)
+    assert not told.shared
+    assert told.prefetch == (1 + 50) * 4
+
+
+def test_each_queue_with_a_limit_has_its_own_slots_prefetch_and_threads() -> None:
+    app = make_app()
+    per_queue = slots(
+        app, ["cpu", "celery", "io"], concurrency=2, queue_concurrency={"io": 500, "cpu": 4}
+    )
+    default, cpu, io = per_queue.groups
+    assert default.queues == ["celery"] and default.limit is None
+    assert (cpu.queues, cpu.limit, cpu.prefetch) == (["cpu"], 4, 16)
+    assert (io.queues, io.limit, io.prefetch) == (["io"], 500, 2000)
+    assert cpu.slot(is_async=True) is cpu.slot(is_async=False)
+    assert per_queue.prefetch == default.prefetch + 16 + 2000
+    assert per_queue.group_of("io") is io
+    assert per_queue.group_of("celery") is default
+    # A thread for every sync slot, started only when needed.
+    assert per_queue.pool_size == 2 + 4 + 500
+    # prefork starts its children up front: they stay -c, shared by every queue.
+    prefork = slots(app, ["cpu", "io"], pool="prefork", queue_concurrency={"cpu": 4, "io": 8})
+    assert prefork.pool_size == 2
+    assert [g.name for g in prefork.groups] == ["cpu", "io"]  # no default group
+    assert [g.name for g in prefork.by_size()] == ["io", "cpu"]
+    assert "shared by every queue" in prefork.describe()[0]
+
+
+def test_a_full_queue_leaves_the_others_room() -> None:
+    per_queue = slots(make_app(), ["slow", "fast"], queue_concurrency={"slow": 1, "fast": 10})
+    slow, fast = per_queue.groups
+    slow.fetched(4, 8)  # all there was
+    assert slow.room_to_fetch() == 0
+    assert fast.room_to_fetch() == fast.prefetch
+    # A finished task's room is fetched for while its result and ack are on their way.
+    slow.waiting -= 1
+    slow.handed_over()
+    assert slow.room.is_set()
+    assert slow.room_to_fetch() == 1
+    slow.ended(handed_over=True)
+    assert (slow.held, slow.finishing, slow.room_to_fetch()) == (3, 0, 1)
+    # With a backlog (the last fetch was full) and every slot wanted, it waits for half the
+    # prefetch: fewer, bigger fetches.
+    fast.fetched(fast.prefetch, fast.prefetch)
+    for _ in range(fast.prefetch // 2 - 1):
+        fast.waiting -= 1
+        fast.ended(handed_over=False)
+    assert fast.room_to_fetch() == 0
+    fast.waiting -= 1
+    fast.ended(handed_over=False)
+    assert fast.room_to_fetch() == fast.prefetch // 2
+
+
+def test_queues_are_rotated_within_their_group() -> None:
+    default = slots(make_app(), ["a", "b", "c"]).groups[0]
+    assert [default.fetch_order() for _ in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"queue_concurrency": {"other": 2}}, "names queue 'other', which this worker does not"),
+        ({"queue_concurrency": {"celery": 0}}, "concurrency of queue 'celery' must be an integer"),
+        ({"queue_concurrency": {"celery": True}}, "must be an integer >= 1, not True"),
+        ({"async_concurrency": 0}, "async_concurrency must be an integer >= 1, not 0"),
+        ({"queues": ["a", "a"]}, "queue 'a' is listed twice"),
+    ],
+)
+def test_bad_worker_arguments_are_clear_errors(options: dict[str, Any], error: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=error):
+        Worker(make_app(), **options)
+
+
+def test_the_setting_and_the_argument() -> None:
+    app = make_app()
+    app.conf.worker_async_concurrency = 7
+    assert Worker(app, concurrency=2).async_concurrency == 7
+    assert Worker(app, concurrency=2, async_concurrency=9).async_concurrency == 9
+    with pytest.raises(ImproperlyConfigured, match="worker_async_concurrency"):
+        app.conf.worker_async_concurrency = 0
+    worker = Worker(app, queues=["a", "b"], queue_concurrency={"b": 3})
+    lines = worker.slots.describe()
+    sync, both = worker.concurrency * 4, (worker.concurrency + 7) * 4
+    assert lines[0] == (
+        f"Concurrency of a: {worker.concurrency} sync task(s) at once (threads pool), "
+        f"7 async def task(s) at once (event loop); prefetch {sync} while only sync tasks run, "
+        f"28 while only async def tasks run, {both} while both do."
+    )
+    assert lines[1] == (
+        "Concurrency of queue b: 3 task(s) at once, sync or async, in its own slots; prefetch 12."
+    )
+
+
+def test_with_both_kinds_the_prefetch_follows_what_runs() -> None:
+    """Sync traffic is prefetched as Celery does, async traffic by its own limit, whatever the
+    idle slots of the other kind."""
+    [group] = slots(make_app(), concurrency=2, async_concurrency=50).groups
+    # The first fetch asks for the bigger share: a transport may size its consumers by it.
+    assert (group.budget(), group.room_to_fetch()) == (50, 200)
+    group.fetched(0, 200)
+
+    async def scenario() -> list[tuple[int, int]]:
+        seen = [(group.budget(), group.room_to_fetch())]  # nothing runs: the pool's share
+        async with group.slot(is_async=True):
+            assert group.room.is_set()  # the consumer is told the budget grew
+            seen.append((group.budget(), group.room_to_fetch()))
+            async with group.slot(is_async=False):
+                seen.append((group.budget(), group.room_to_fetch()))
+        async with group.slot(is_async=False):
+            seen.append((group.budget(), group.room_to_fetch()))
+        return seen
+
+    assert asyncio.run(scenario()) == [(2, 8), (50, 200), (52, 208), (2, 8)]
+    # One kind only: the budget never changes, and nothing wakes the consumer.
+    [only_sync] = slots(make_app("sync"), concurrency=2).groups
+    only_sync.slot(is_async=False)
+    assert not only_sync.room.is_set()
+    assert only_sync.budget() == 2
+
+
+# -- on embedded workers --------------------------------------------------------------------------
+
+#: Tasks running now, and the most seen at once, per label.
+running: dict[str, int] = defaultdict(int)
+peak: dict[str, int] = defaultdict(int)
+finished: list[tuple[str, float]] = []
+release = threading.Event()
+
+
+def _enter(label: str) -> None:
+    running[label] += 1
+    peak[label] = max(peak[label], running[label])
+
+
+def _leave(label: str) -> None:
+    running[label] -= 1
+    finished.append((label, time.monotonic()))
+
+
+def embedded_app(kind: str, tmp_path: Path) -> Celery:
+    """An app on ``kind`` whose tasks record how many of them run at once."""
+    running.clear()
+    peak.clear()
+    finished.clear()
+    release.clear()
+    if kind == "memory":
+        name = f"memory://{uuid.uuid4()}"
+        app = Celery("slots_embedded", broker=name, backend=name, set_as_current=False)
+    elif kind == "sqlite":
+        app = Celery(
+            "slots_embedded",
+            broker=f"sqlite:///{tmp_path}/broker.sqlite3",
+            backend=f"sqlite:///{tmp_path}/results.sqlite3",
+            set_as_current=False,
+        )
+    elif kind == "redis":
+        services.require_redis()
+        prefix = services.unique("slots") + ":"
+        app = Celery(
+            "slots_embedded",
+            broker=services.redis_url(),
+            backend=services.redis_url(),
+            broker_transport_options={"global_keyprefix": prefix},
+            result_backend_transport_options={"global_keyprefix": prefix},
+            set_as_current=False,
+        )
+    else:
+        services.require_rabbitmq()
+        app = Celery(
+            "slots_embedded",
+            broker=services.amqp_url(),
+            backend=f"sqlite:///{tmp_path}/results.sqlite3",
+            set_as_current=False,
+        )
+
+    @app.task(name="nap")
+    async def nap(label: str, seconds: float) -> None:
+        _enter(label)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            _leave(label)
+
+    @app.task(name="block")
+    def block(label: str) -> None:
+        _enter(label)
+        try:
+            release.wait(10)
+        finally:
+            _leave(label)
+
+    return app
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Celery]:
+    app = embedded_app("memory", tmp_path)
+    yield app
+    release.set()
+    app.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis", "amqp"])
+def any_broker_app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Celery]:
+    app = embedded_app(request.param, tmp_path)
+    yield app
+    release.set()
+    app.close()
+
+
+def test_async_tasks_run_beside_a_busy_pool_within_their_own_limit(app: Celery) -> None:
+    nap, block = app.tasks["nap"], app.tasks["block"]
+    with start_worker(app, concurrency=1, async_concurrency=4):
+        blocked = block.delay("sync")
+        naps = [nap.delay("async", 0.05) for _ in range(12)]
+        # The only pool slot is taken, yet every async task runs, 4 at a time.
+        for result in naps:
+            result.get(timeout=10)
+        assert running["sync"] == 1
+        assert peak["async"] == 4
+        release.set()
+        blocked.get(timeout=10)
+
+
+def test_solo_runs_async_tasks_one_at_a_time(app: Celery) -> None:
+    nap = app.tasks["nap"]
+    with start_worker(app, pool="solo"):
+        for result in [nap.delay("async", 0.02) for _ in range(4)]:
+            result.get(timeout=10)
+    assert peak["async"] == 1
+
+
+def test_a_queue_whose_slots_are_busy_does_not_hold_back_another(any_broker_app: Celery) -> None:
+    """Each group of queues fetches on its own, concurrently, from the same broker connection."""
+    app = any_broker_app
+    nap = app.tasks["nap"]
+    one, many = services.unique("one"), services.unique("many")
+    with start_worker(app, queues=[one, many], queue_concurrency={one: 1, many: 3}):
+        ones = [nap.apply_async(("one", 0.1), queue=one) for _ in range(4)]
+        manys = [nap.apply_async(("many", 0.1), queue=many) for _ in range(6)]
+        for result in ones + manys:
+            result.get(timeout=10)
+    assert peak == {"one": 1, "many": 3}
+    # 6 tasks, 3 at a time: two rounds, done while "one" is still at its second or third task.
+    last_many = max(t for label, t in finished if label == "many")
+    ones_before = sum(1 for label, t in finished if label == "one" and t <= last_many)
+    assert ones_before <= 3
