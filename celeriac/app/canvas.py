@@ -20,7 +20,7 @@ import copy
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from celeriac.app.result import AsyncResult
 from celeriac.exceptions import ImproperlyConfigured
@@ -403,3 +403,38 @@ def as_signature_list(value: Any, what: str) -> list[dict[str, Any]] | None:
             )
         result.append(Signature(item).as_wire())
     return result or None
+
+
+class TaskList(Signature):
+    """A signature whose ``kwargs.tasks`` holds other signatures: a group's members, a chain's steps.
+
+    Subclasses set :attr:`kind` (the word their errors use) and define how the list runs.
+    """
+
+    kind: ClassVar[str] = "workflow"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], app: Celery | None = None) -> Self:
+        """One from its dict form (``kwargs.tasks`` holds the signatures, in order)."""
+        kwargs = d.get("kwargs") or {}
+        tasks = kwargs.get("tasks") if isinstance(kwargs, Mapping) else None
+        if not isinstance(tasks, list | tuple):
+            raise ImproperlyConfigured(f"a {cls.kind} signature needs kwargs.tasks, a list: {d!r}")
+        # Subclasses take the list of signatures where Signature takes a task name.
+        return cls(list(tasks), app=app, **dict(d.get("options") or {}))  # type: ignore[arg-type]
+
+    @property
+    def tasks(self) -> list[Signature]:
+        """The signatures, in order (a group's members; a chain's steps, first to last)."""
+        value: list[Signature] = self.kwargs["tasks"]
+        return value
+
+    @property
+    def app(self) -> Celery:
+        """Its own app, else its first signature's, else the current app."""
+        if self._app is not None:
+            return self._app
+        for task in self.tasks:
+            if task._app is not None:
+                return task._app
+        return super().app

@@ -30,6 +30,7 @@ from celeriac.app import calling
 from celeriac.app.canvas import (
     Prepared,
     Signature,
+    TaskList,
     address_replies,
     maybe_signature,
     register_type,
@@ -56,8 +57,10 @@ def _chord_error() -> NotImplementedError:
 
 
 @register_type("chain")
-class chain(Signature):
+class chain(TaskList):
     """Tasks run in sequence: ``chain(add.s(1, 2), add.s(3))``, ``add.s(1, 2) | add.s(3)``."""
+
+    kind = "chain"
 
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
         steps: Iterable[Any] = tasks
@@ -80,31 +83,6 @@ class chain(Signature):
         super().__init__(
             "celery.chain", (), {"tasks": flat}, options, subtask_type="chain", app=app
         )
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], app: Celery | None = None) -> chain:
-        """A chain from its dict form (``kwargs.tasks`` holds the steps, first to last)."""
-        kwargs = d.get("kwargs") or {}
-        tasks = kwargs.get("tasks") if isinstance(kwargs, Mapping) else None
-        if not isinstance(tasks, list | tuple):
-            raise ImproperlyConfigured(f"a chain signature needs kwargs.tasks, a list: {d!r}")
-        return cls(list(tasks), app=app, **dict(d.get("options") or {}))
-
-    @property
-    def tasks(self) -> list[Signature]:
-        """The steps, first to last."""
-        value: list[Signature] = self.kwargs["tasks"]
-        return value
-
-    @property
-    def app(self) -> Celery:
-        """The chain's app, else its first step's, else the current app."""
-        if self._app is not None:
-            return self._app
-        for task in self.tasks:
-            if task._app is not None:
-                return task._app
-        return super().app
 
     def _unchained(self) -> list[Signature]:
         """Copies of the steps, with the chain's own ``link`` on the last and ``link_error`` on

@@ -27,7 +27,14 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from celeriac.app import calling
-from celeriac.app.canvas import Prepared, Signature, maybe_signature, register_type, send_prepared
+from celeriac.app.canvas import (
+    Prepared,
+    Signature,
+    TaskList,
+    maybe_signature,
+    register_type,
+    send_prepared,
+)
 from celeriac.app.result import AsyncResult, GroupResult
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.protocol.message import TaskMessage
@@ -52,8 +59,10 @@ def _chord_error() -> NotImplementedError:
 
 
 @register_type("group")
-class group(Signature):
+class group(TaskList):
     """Tasks run in parallel: ``group(add.s(1, 1), add.s(2, 2))`` or ``group(generator)``."""
+
+    kind = "group"
 
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
         members: Iterable[Any] = tasks
@@ -72,31 +81,6 @@ class group(Signature):
             subtask_type="group",
             app=app,
         )
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], app: Celery | None = None) -> group:
-        """A group from its dict form (``kwargs.tasks`` holds the members)."""
-        kwargs = d.get("kwargs") or {}
-        tasks = kwargs.get("tasks") if isinstance(kwargs, Mapping) else None
-        if not isinstance(tasks, list | tuple):
-            raise ImproperlyConfigured(f"a group signature needs kwargs.tasks, a list: {d!r}")
-        return cls(list(tasks), app=app, **dict(d.get("options") or {}))
-
-    @property
-    def tasks(self) -> list[Signature]:
-        """The members, in order."""
-        value: list[Signature] = self.kwargs["tasks"]
-        return value
-
-    @property
-    def app(self) -> Celery:
-        """The group's app, else its first member's, else the current app."""
-        if self._app is not None:
-            return self._app
-        for task in self.tasks:
-            if task._app is not None:
-                return task._app
-        return super().app
 
     def __len__(self) -> int:
         return len(self.tasks)
