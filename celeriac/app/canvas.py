@@ -414,6 +414,17 @@ class TaskList(Signature):
     kind: ClassVar[str] = "workflow"
 
     @classmethod
+    def _given(cls, tasks: tuple[Any, ...]) -> Iterable[Any]:
+        """The signatures given as ``f(a, b)`` or as ``f(iterable)``; anything else is refused."""
+        if len(tasks) == 1 and not isinstance(tasks[0], Mapping):
+            if isinstance(tasks[0], str | bytes) or not isinstance(tasks[0], Iterable):
+                raise ImproperlyConfigured(
+                    f"{cls.kind}() takes signatures or one iterable of them, not {tasks[0]!r}"
+                )
+            return tasks[0]
+        return tasks
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any], app: Celery | None = None) -> Self:
         """One from its dict form (``kwargs.tasks`` holds the signatures, in order)."""
         kwargs = d.get("kwargs") or {}

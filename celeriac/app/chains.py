@@ -63,13 +63,7 @@ class chain(TaskList):
     kind = "chain"
 
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
-        steps: Iterable[Any] = tasks
-        if len(tasks) == 1 and not isinstance(tasks[0], Mapping):
-            if isinstance(tasks[0], str | bytes) or not isinstance(tasks[0], Iterable):
-                raise ImproperlyConfigured(
-                    f"chain() takes signatures or one iterable of them, not {tasks[0]!r}"
-                )
-            steps = tasks[0]
+        steps = self._given(tasks)
         flat: list[Signature] = []
         for step in steps:
             sig = maybe_signature(step, app=app)

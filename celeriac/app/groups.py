@@ -65,13 +65,7 @@ class group(TaskList):
     kind = "group"
 
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
-        members: Iterable[Any] = tasks
-        if len(tasks) == 1 and not isinstance(tasks[0], Mapping):
-            if isinstance(tasks[0], str | bytes) or not isinstance(tasks[0], Iterable):
-                raise ImproperlyConfigured(
-                    f"group() takes signatures or one iterable of them, not {tasks[0]!r}"
-                )
-            members = tasks[0]
+        members = self._given(tasks)
         signatures = [maybe_signature(member, app=app) for member in members]
         super().__init__(
             "celery.group",
