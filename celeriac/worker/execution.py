@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import time
 import traceback as tb
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -86,16 +87,35 @@ class Job:
     limits: TimeLimits
     #: ``tasks.add[<id>]``, for the pool's log lines.
     label: str
+    #: For a pool that queues jobs (:attr:`Pool.queues_jobs`): asked on the pool's thread right
+    #: before the body would start; False gives the job back unstarted (revoked meanwhile, or
+    #: taken back by the broker). A plain, non-blocking check.
+    wanted: Callable[[], bool] | None = None
+    #: For a pool that queues jobs: what must happen on the worker's event loop right before the
+    #: body starts, and not earlier (the ack of a task that is not ``acks_late``, its STARTED
+    #: state); the body starts once it is done, and not at all if it raises.
+    before_start: Callable[[], Coroutine[Any, Any, None]] | None = None
 
 
-async def run(request: Request, pool: Pool) -> Outcome:
-    """Run the task of ``request`` once, within its time limits."""
+async def run(
+    request: Request,
+    pool: Pool,
+    *,
+    wanted: Callable[[], bool] | None = None,
+    before_start: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> Outcome:
+    """Run the task of ``request`` once, within its time limits.
+
+    ``wanted`` and ``before_start`` are for a sync task on a pool that queues jobs (see
+    :class:`Job`); the caller runs them itself otherwise.
+    """
     task = request.task
     context = request.context()
     args, kwargs = request.message.args, request.message.kwargs
     limits = timelimits.resolve(request.message.timelimit, task, pool.limits)
     if not task.is_async:
-        return await pool.run(Job(task, context, args, kwargs, limits, request.label()))
+        job = Job(task, context, args, kwargs, limits, request.label(), wanted, before_start)
+        return await pool.run(job)
     token = current_request.set(context)
     try:
         if limits.any:

@@ -25,19 +25,33 @@ with ``terminate=True``.
 * ``async def`` tasks run on the loop and are cancelled like any coroutine.
 
 In every case the cancelled ``run`` raises ``CancelledError`` and produces no outcome.
+
+**Queued jobs.** The threads pool (and solo) *queues* jobs (:attr:`Pool.queues_jobs`): the worker
+may hand it more jobs than it has threads, and a thread that ends a job takes the next one at once,
+without a round trip through the event loop; the outcomes of jobs that end together reach the loop
+in one wake-up. Sync no-op tasks drain about twice as fast this way as when each job waits for a
+slot on the loop first. What must happen at the real start of a body and not before is carried by
+the job (:class:`celeriac.worker.execution.Job`): ``wanted`` is checked on the thread (a revoke that
+came while the job was queued), ``before_start`` runs on the loop while the thread waits (the early
+ack of a task that is not ``acks_late``, its STARTED state), and time limits count from the start.
+:meth:`Pool.withdraw_queued` gives back the jobs no thread has taken yet (warm shutdown): their
+``run`` raises :class:`JobWithdrawn`, and so does that of a job found no longer ``wanted``.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import queue
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celeriac.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded, TimeLimitExceeded
 from celeriac.worker import execution
@@ -88,8 +102,17 @@ class PoolOptions:
     max_memory_per_child: int | None = None
 
 
+class JobWithdrawn(Exception):
+    """A queued job was given back unstarted: withdrawn, or found no longer wanted."""
+
+
 class Pool(abc.ABC):
     """Runs sync task bodies; see the module docstring for the cancellation contract."""
+
+    #: Whether the pool takes more jobs than it runs at once, queued in order until it has room
+    #: (see "Queued jobs" in the module docstring); if not, the worker's slots keep its jobs to
+    #: its size, and a job's ``wanted`` and ``before_start`` are the caller's to handle.
+    queues_jobs: bool = False
 
     #: The canonical pool name (``prefork``, ``threads``, ``solo``).
     name: str
@@ -108,6 +131,11 @@ class Pool(abc.ABC):
     @abc.abstractmethod
     async def run(self, job: Job) -> Outcome:
         """Run one body within ``job.limits``; how it ended."""
+
+    def withdraw_queued(self) -> int:
+        """Give back every queued job no thread has taken yet (their ``run`` raises
+        :class:`JobWithdrawn`); how many there were."""
+        return 0
 
     @abc.abstractmethod
     async def stop(self, cold: bool) -> None:
@@ -168,6 +196,12 @@ def pool_options(
     )
 
 
+def queues_jobs(name: str) -> bool:
+    """Whether the pool called ``name`` queues jobs (:attr:`Pool.queues_jobs`), known before it
+    is built (the worker sizes its slots first)."""
+    return name != "prefork"
+
+
 def create_pool(name: str, app: Celery, hostname: str, options: PoolOptions) -> Pool:
     """The pool called ``name`` (canonical, see :func:`check_pool`)."""
     if name == "prefork":
@@ -183,7 +217,7 @@ def create_pool(name: str, app: Celery, hostname: str, options: PoolOptions) -> 
 class _Work:
     """One job handed to the pool threads, and how it reports back to the loop."""
 
-    __slots__ = ("abandoned", "context", "future", "interrupter", "job", "loop", "started")
+    __slots__ = ("abandoned", "context", "future", "interrupter", "job", "loop", "started", "state")
 
     def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
         self.job = job
@@ -191,11 +225,21 @@ class _Work:
         #: The caller's context variables, carried into the thread.
         self.context = contextvars.copy_context()
         self.future: asyncio.Future[Outcome] = loop.create_future()
-        #: Set when a thread takes the job (time limits count from there, not from queueing).
-        self.started: asyncio.Future[None] = loop.create_future()
+        #: Set when a thread takes the job, for a job with time limits (they count from there,
+        #: not from queueing); None otherwise, which spares every other job a wake-up of the loop.
+        self.started: asyncio.Future[None] | None = loop.create_future() if job.limits.any else None
         self.interrupter = ThreadInterrupter()
         #: Why nobody waits for the outcome any more ("", "hard", "cancelled").
         self.abandoned = ""
+        #: QUEUED until a thread takes it (TAKEN) or it is withdrawn first (WITHDRAWN); changed
+        #: under the pool's lock, so a job is either run or given back, never both.
+        self.state = QUEUED
+
+
+QUEUED, TAKEN, WITHDRAWN = "queued", "taken", "withdrawn"
+
+#: How often a thread waiting for a job's ``before_start`` looks whether the job was abandoned.
+_BEFORE_START_POLL = 0.05
 
 
 class ThreadPool(Pool):
@@ -207,6 +251,7 @@ class ThreadPool(Pool):
     """
 
     in_worker_process = True
+    queues_jobs = True
 
     def __init__(self, options: PoolOptions, name: str = "threads") -> None:
         super().__init__(options)
@@ -217,10 +262,17 @@ class ThreadPool(Pool):
         self._lock = threading.Lock()
         #: Jobs whose outcome nobody waits for and whose thread still runs them.
         self._abandoned: set[_Work] = set()
+        #: Jobs queued and not taken by a thread yet (what :meth:`withdraw_queued` gives back).
+        self._queued: set[_Work] = set()
+        #: Ended jobs whose outcome the loop has not handed over yet, filled by the threads.
+        self._ended: collections.deque[_Ended] = collections.deque()
+        #: Whether a call of :meth:`_hand_over_ended` is already scheduled on the loop.
+        self._hand_over_scheduled = False
 
     async def run(self, job: Job) -> Outcome:
         """Run ``job`` on a pool thread within a copy of the current context."""
         work = _Work(job, asyncio.get_running_loop())
+        self._queued.add(work)
         self._queue.put(work)
         self._add_thread_if_needed()
         limits = job.limits
@@ -235,6 +287,7 @@ class ThreadPool(Pool):
     async def _run_limited(self, work: _Work, limits: TimeLimits) -> Outcome:
         loop = work.loop
         soft_timer = None
+        assert work.started is not None
         try:
             await asyncio.shield(work.started)
             began = time.perf_counter()
@@ -305,16 +358,45 @@ class ThreadPool(Pool):
                 with self._lock:
                     self._idle += 1
 
+    def withdraw_queued(self) -> int:
+        """Give back the jobs no thread has taken yet: their ``run`` raises JobWithdrawn."""
+        with self._lock:
+            withdrawn = [work for work in self._queued if work.state == QUEUED]
+            for work in withdrawn:
+                work.state = WITHDRAWN
+            self._queued.clear()
+        for work in withdrawn:
+            if not work.future.done():
+                work.future.set_exception(JobWithdrawn("withdrawn before it started"))
+                _consume(work.future)  # its handler may have gone already (cancelled)
+        return len(withdrawn)
+
+    def _take(self, work: _Work) -> bool:
+        """On a pool thread: claim ``work`` to run it, unless it was withdrawn first."""
+        with self._lock:
+            self._queued.discard(work)
+            if work.state != QUEUED:
+                return False
+            work.state = TAKEN
+            return True
+
     def _run_one(self, work: _Work) -> None:
         job = work.job
-        loop = work.loop
+        if not self._take(work):
+            return  # withdrawn: its caller has been told
         if work.abandoned:  # cancelled before a thread took it
-            loop.call_soon_threadsafe(self._finished, work, None, None)
+            self._report(work, None, None)
+            return
+        if job.wanted is not None and not job.wanted():
+            self._report(work, None, JobWithdrawn("no longer wanted"))
             return
         outcome: Outcome | None = None
         error: BaseException | None = None
         try:
-            loop.call_soon_threadsafe(_set_started, work)
+            if job.before_start is not None:
+                _wait_before_start(work, job.before_start)
+            if work.started is not None:
+                work.loop.call_soon_threadsafe(_set_started, work)
             work.interrupter.enter()
             try:
                 if work.abandoned:  # cancelled just before enter(), when nothing could be raised
@@ -326,9 +408,26 @@ class ThreadPool(Pool):
                 work.interrupter.leave()
         except BaseException as exc:  # CancelledError raised in it, or an internal error
             error = exc
+        self._report(work, outcome, error)
+
+    def _report(self, work: _Work, outcome: Outcome | None, error: BaseException | None) -> None:
+        """On a pool thread: queue the end of ``work`` for the loop, waking the loop once for
+        every outcome that ends before it looks (one wake-up per batch under load)."""
+        self._ended.append((work, outcome, error))
+        if self._hand_over_scheduled:
+            return
+        self._hand_over_scheduled = True
         # A closed loop (RuntimeError): the worker is gone and nobody waits for this job.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._finished, work, outcome, error)
+            work.loop.call_soon_threadsafe(self._hand_over_ended)
+
+    def _hand_over_ended(self) -> None:
+        """On the loop: hand over every ended job's outcome. The flag is cleared first, so an
+        outcome queued while this runs is either handed over here or schedules a new call."""
+        self._hand_over_scheduled = False
+        ended = self._ended
+        while ended:
+            self._finished(*ended.popleft())
 
     def _finished(self, work: _Work, outcome: Outcome | None, error: BaseException | None) -> None:
         """On the loop: hand the outcome to the waiting caller, or log the end of an abandoned job."""
@@ -341,6 +440,8 @@ class ThreadPool(Pool):
             )
         if work.future.done():
             return
+        if work.started is not None and not work.started.done():
+            work.started.cancel()  # it ended before it started (not wanted, or an error)
         if outcome is not None:
             work.future.set_result(outcome)
         elif error is None or isinstance(error, asyncio.CancelledError):
@@ -362,9 +463,27 @@ class ThreadPool(Pool):
             self._queue.put(None)
 
 
+#: A job's end as a pool thread reports it: the job, its outcome, or the error that stopped it.
+_Ended = tuple[_Work, "Outcome | None", "BaseException | None"]
+
+
 def _set_started(work: _Work) -> None:
-    if not work.started.done():
+    if work.started is not None and not work.started.done():
         work.started.set_result(None)
+
+
+def _wait_before_start(work: _Work, before_start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """On a pool thread: run ``before_start`` on the loop and wait for it, giving up when the
+    job is abandoned meanwhile (the loop may be stopping: nothing would ever answer)."""
+    done = asyncio.run_coroutine_threadsafe(before_start(), work.loop)
+    while True:
+        try:
+            done.result(_BEFORE_START_POLL)
+            return
+        except concurrent.futures.TimeoutError:
+            if work.abandoned:
+                done.cancel()
+                raise asyncio.CancelledError from None
 
 
 def _consume(future: asyncio.Future[Outcome]) -> None:

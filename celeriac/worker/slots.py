@@ -35,6 +35,15 @@ plus each queue's own ``N`` (threads are started only when a sync task needs one
 async tasks costs none). A ``prefork`` pool starts its children up front, so it keeps ``-c``
 children and every queue's sync tasks share them; ``solo`` keeps its one thread.
 
+**Sync slots on a queueing pool.** The threads and solo pools queue the jobs they cannot start yet
+and run them in order as threads come free (:mod:`celeriac.worker.pools`, "Queued jobs"). When
+that pool alone keeps sync bodies to ``-c`` — the default group is the only one, and async tasks
+have slots of their own — the sync slot no longer waits: it only counts the sync handlers under
+way (:attr:`Slots.pool_gates_sync`), and a sync task goes to the pool as soon as it is admitted,
+where a thread that finishes one task takes the next without a round trip through the event loop.
+Queues with ``:N`` keep real slots: their tasks share the pool's threads, and only a slot of their
+own keeps each to its ``N``; so does ``-P solo`` when async tasks share its one slot.
+
 Per message the cost is a lookup of the semaphore for the task's kind and a few integer updates
 (:meth:`QueueGroup.fetched`, :meth:`QueueGroup.handed_over`, :meth:`QueueGroup.ended`): no await
 and no round trip beyond the semaphore itself.
@@ -53,6 +62,10 @@ if TYPE_CHECKING:
 
 #: Async bodies run at once by default, unless ``-c`` is higher (see the module docstring).
 DEFAULT_ASYNC_CONCURRENCY = 100
+
+#: The size of a sync slot that only counts, its pool keeping the limit (never reached: a group
+#: holds at most its prefetch).
+_COUNT_ONLY = 1 << 30
 
 
 def parse_queues(text: str) -> tuple[list[str], dict[str, int]]:
@@ -276,7 +289,9 @@ class Slots:
         tasks: Iterable[Task[..., Any]],
         async_concurrency: int | None = None,
         queue_concurrency: Mapping[str, int] | None = None,
+        pool_queues_jobs: bool = False,
     ) -> None:
+        """``pool_queues_jobs``: the pool queues the jobs it cannot start yet (threads, solo)."""
         self.concurrency = _check_count(concurrency, "concurrency")
         self.pool = pool
         multiplier = _check_count(multiplier, "prefetch_multiplier")
@@ -284,9 +299,12 @@ class Slots:
         kinds = {task.is_async for task in tasks}
         has_async = True in kinds
         has_sync = False in kinds or not kinds
-        sync_slots = Slot(concurrency)
         #: Whether async bodies share the pool's slots (solo without an async limit given).
         self.shared = pool == "solo" and async_concurrency is None
+        #: Whether the pool alone keeps sync bodies to ``-c``, the sync slot only counting (see
+        #: "Sync slots on a queueing pool" in the module docstring).
+        self.pool_gates_sync = pool_queues_jobs and not self.shared and not own
+        sync_slots = Slot(_COUNT_ONLY if self.pool_gates_sync else concurrency)
         if self.shared:
             self.async_concurrency = concurrency
             async_slots = sync_slots

@@ -84,7 +84,14 @@ from celeriac.utils.redact import redact_url
 from celeriac.worker import execution
 from celeriac.worker.finisher import Finisher
 from celeriac.worker.logs import logger
-from celeriac.worker.pools import Pool, check_pool, create_pool, pool_options
+from celeriac.worker.pools import (
+    JobWithdrawn,
+    Pool,
+    check_pool,
+    create_pool,
+    pool_options,
+    queues_jobs,
+)
 from celeriac.worker.ratelimit import RateLimits
 from celeriac.worker.request import Refusal, Request, prepare
 from celeriac.worker.revocations import RevokedTasks
@@ -154,6 +161,7 @@ class Worker:
                 else app.conf.worker_async_concurrency
             ),
             queue_concurrency=queue_concurrency,
+            pool_queues_jobs=queues_jobs(self.pool_name),
         )
         #: ``async def`` bodies run at once on the event loop (queues without a limit of their own).
         self.async_concurrency = self.slots.async_concurrency
@@ -177,8 +185,12 @@ class Worker:
         self._held: dict[str, Delivery] = {}
         #: Handlers of messages not started yet (waiting for a slot).
         self._waiting: dict[str, asyncio.Task[None]] = {}
-        #: Handlers of messages whose task is running.
+        #: Handlers of messages whose task is running (or, for a sync task handed to a pool that
+        #: queues jobs, queued there: then its tag is in ``_queued_in_pool`` too).
         self._running: dict[str, asyncio.Task[None]] = {}
+        #: Delivery tags of sync tasks handed to the pool and not taken by a pool thread yet. A
+        #: pool thread removes the tag as it takes the job (see :meth:`_still_wanted`).
+        self._queued_in_pool: set[str] = set()
         #: Rate limits of the tasks (read at start); None when no task has one.
         self._rate_limits: RateLimits | None = None
         #: Delivery tag of the redelivered message running alone here (see :meth:`_admit`).
@@ -333,8 +345,13 @@ class Worker:
             if not self._cold:
                 logger.warning("Cold shutdown: giving running tasks back to the broker.")
             self._cold = True
-            for handler in list(self._running.values()):
-                handler.cancel()
+            if self.pool is not None:
+                # Queued jobs no thread has taken are given back unused (uncounted), not
+                # cancelled as if they had started.
+                self.pool.withdraw_queued()
+            for tag, handler in list(self._running.items()):
+                if tag not in self._queued_in_pool:
+                    handler.cancel()
         else:
             logger.warning("Warm shutdown: finishing running tasks (signal again to stop now).")
         self._stop.set()
@@ -441,7 +458,11 @@ class Worker:
                     group.waiting -= 1
                 self._running[tag] = asyncio.current_task()  # type: ignore[assignment]
                 self._running_requests[tag] = outcome
-                meta, ack = await self._execute(outcome)
+                try:
+                    meta, ack = await self._execute(outcome)
+                except JobWithdrawn:
+                    await self._not_started(outcome)
+                    return
             # The slot is free for the next task while the result is stored and the message
             # acked; the message stays held (and counted against the prefetch) until then.
             assert self.finisher is not None
@@ -469,16 +490,39 @@ class Worker:
         finally:
             if self._waiting.pop(tag, None) is not None:
                 group.waiting -= 1
+            self._queued_in_pool.discard(tag)
             self._running.pop(tag, None)
             self._running_requests.pop(tag, None)
             self._terminating.pop(tag, None)
             self._held.pop(tag, None)
             group.ended(handed_over)
 
+    async def _not_started(self, request: Request) -> None:
+        """The pool gave back the job of ``request`` unstarted: found revoked or taken back by the
+        broker as a thread took it, else withdrawn (shutdown)."""
+        assert self.broker is not None
+        if await self._discard_if_revoked(request):
+            return
+        if self.broker.is_lost(request.delivery):
+            logger.info("Task %s was taken back by the broker; not starting it", request)
+            return
+        await self._give_back(request.delivery)
+
+    def _still_wanted(self, request: Request) -> bool:
+        """On a pool thread, as it takes the job of ``request``: whether to start it. Reads only
+        (a set, a dict, a flag), so it needs nothing from the event loop."""
+        tag = request.delivery.delivery_tag
+        self._queued_in_pool.discard(tag)
+        assert self.broker is not None
+        if self.broker.is_lost(request.delivery):
+            return False
+        return self._revoked is None or self._revoked.get(request.id) is None
+
     async def _give_back(self, delivery: Delivery) -> None:
         assert self.broker is not None
+        tag = delivery.delivery_tag
         try:
-            if delivery.delivery_tag in self._running:
+            if tag in self._running and tag not in self._queued_in_pool:
                 # Cold shutdown of a running task: this delivery was used, so it counts.
                 await self.broker.reject(delivery, requeue=True, reason="worker shutdown")
             else:
@@ -744,16 +788,34 @@ class Worker:
         task = request.task
         ignore = request.ignores_result()
         acks_late = task.resolved_acks_late()
-        if not acks_late:
-            await self.broker.ack([request.delivery])
-        if task.resolved_track_started() and not ignore:
-            await self._store(
-                build_meta(
-                    request.id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}
-                ),
-                _route_of(request),
+        track_started = task.resolved_track_started() and not ignore
+        broker = self.broker
+
+        async def before_start() -> None:
+            if not acks_late:
+                await broker.ack([request.delivery])
+            if track_started:
+                await self._store(
+                    build_meta(
+                        request.id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname}
+                    ),
+                    _route_of(request),
+                )
+
+        first = before_start if not acks_late or track_started else None
+        if self.slots.pool_gates_sync and not task.is_async:
+            # Queued in the pool: what must happen at the start happens when a thread takes it.
+            self._queued_in_pool.add(request.delivery.delivery_tag)
+            outcome = await execution.run(
+                request,
+                self.pool,
+                wanted=lambda: self._still_wanted(request),
+                before_start=first,
             )
-        outcome = await execution.run(request, self.pool)
+        else:
+            if first is not None:
+                await first()
+            outcome = await execution.run(request, self.pool)
         # The body ended: from now on a revoke has nothing to terminate (its outcome stands).
         self._running_requests.pop(request.delivery.delivery_tag, None)
         self.processed += 1
@@ -928,6 +990,11 @@ class Worker:
         waiting = list(self._waiting.values())
         for handler in waiting:
             handler.cancel()
+        if self.pool is not None:
+            # Jobs queued in the pool have not started: they go back as the waiting ones do.
+            withdrawn = [self._running[tag] for tag in self._queued_in_pool if tag in self._running]
+            self.pool.withdraw_queued()
+            waiting.extend(withdrawn)
         await asyncio.gather(*waiting, return_exceptions=True)
         # A handler cancelled before its first step never runs, so it cannot give its message
         # back itself (this happens to the messages of a fetch that returned as the stop came).

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,13 @@ from celeriac.exceptions import (
 )
 from celeriac.worker import timelimits
 from celeriac.worker.execution import Job
-from celeriac.worker.pools import PoolOptions, ThreadPool, check_pool, pool_options
+from celeriac.worker.pools import (
+    JobWithdrawn,
+    PoolOptions,
+    ThreadPool,
+    check_pool,
+    pool_options,
+)
 from celeriac.worker.prefork import describe_exit, locate_app
 from celeriac.worker.timelimits import NO_LIMITS, TimeLimits
 from celeriac.worker.worker import Worker
@@ -244,11 +250,19 @@ def test_the_app_is_found_by_module_and_attribute() -> None:
 # -- the thread pool ------------------------------------------------------------------------------
 
 
-def job(name: str, *args: Any, hard: float | None = None, soft: float | None = None) -> Job:
+def job(
+    name: str,
+    *args: Any,
+    hard: float | None = None,
+    soft: float | None = None,
+    wanted: Callable[[], bool] | None = None,
+    before_start: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> Job:
     task = limittasks.app.tasks[f"limittasks.{name}"]
     task_id = uuid.uuid4().hex
     context = Context(id=task_id, task=task.name, args=list(args))
-    return Job(task, context, list(args), {}, TimeLimits(hard, soft), f"{task.name}[{task_id}]")
+    label = f"{task.name}[{task_id}]"
+    return Job(task, context, list(args), {}, TimeLimits(hard, soft), label, wanted, before_start)
 
 
 def run(pool: ThreadPool, *jobs: Job) -> list[Any]:
@@ -256,6 +270,103 @@ def run(pool: ThreadPool, *jobs: Job) -> list[Any]:
         return list(await asyncio.gather(*(pool.run(j) for j in jobs)))
 
     return asyncio.run(main())
+
+
+def test_threads_queue_jobs_beyond_their_size_and_run_them_in_turn() -> None:
+    pool = ThreadPool(PoolOptions(2))
+
+    async def main() -> tuple[list[Any], float]:
+        began = time.monotonic()
+        outcomes = await asyncio.gather(*(pool.run(job("sleep", 0.1)) for _ in range(10)))
+        return outcomes, time.monotonic() - began
+
+    outcomes, took = asyncio.run(main())
+    assert [outcome.state for outcome in outcomes] == [states.SUCCESS] * 10
+    assert 0.5 <= took < 0.9  # two at a time: five rounds of 0.1 s
+    assert len(pool._threads) == 2
+
+
+def test_withdrawn_jobs_never_start_and_the_running_one_ends() -> None:
+    pool = ThreadPool(PoolOptions(1))
+    asked: list[int] = []
+
+    def wanted(index: int) -> Callable[[], bool]:
+        def ask() -> bool:
+            asked.append(index)
+            return True
+
+        return ask
+
+    async def main() -> None:
+        running = asyncio.ensure_future(pool.run(job("sleep", 0.3)))
+        queued = [asyncio.ensure_future(pool.run(job("pid", wanted=wanted(i)))) for i in range(3)]
+        await asyncio.sleep(0.1)
+        assert pool.withdraw_queued() == 3
+        for withdrawn in queued:
+            with pytest.raises(JobWithdrawn, match="withdrawn before it started"):
+                await withdrawn
+        assert (await running).state == states.SUCCESS
+        assert pool.withdraw_queued() == 0
+        # The thread serves new jobs after skipping the withdrawn ones.
+        assert (await pool.run(job("pid", wanted=wanted(9)))).state == states.SUCCESS
+
+    asyncio.run(main())
+    assert asked == [9]
+
+
+def test_a_job_no_longer_wanted_is_given_back_unstarted() -> None:
+    pool = ThreadPool(PoolOptions(1))
+    on_thread: list[bool] = []
+
+    def unwanted() -> bool:
+        on_thread.append(threading.current_thread() is not threading.main_thread())
+        return False
+
+    async def main() -> None:
+        with pytest.raises(JobWithdrawn, match="no longer wanted"):
+            await pool.run(job("spin", wanted=unwanted))
+        assert (await pool.run(job("pid"))).state == states.SUCCESS
+
+    asyncio.run(main())  # "spin" never returns: had it started, this would hang
+    assert on_thread == [True]
+
+
+def test_before_start_runs_on_the_loop_when_a_thread_takes_the_job() -> None:
+    pool = ThreadPool(PoolOptions(1))
+    events: list[tuple[str, float]] = []
+
+    def before(name: str) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def run_before() -> None:
+            assert threading.current_thread() is threading.main_thread()
+            events.append((name, time.monotonic()))
+
+        return run_before
+
+    async def main() -> None:
+        first = asyncio.ensure_future(pool.run(job("sleep", 0.2, before_start=before("first"))))
+        second = asyncio.ensure_future(pool.run(job("sleep", 0.0, before_start=before("second"))))
+        await asyncio.sleep(0.1)
+        assert [name for name, _ in events] == ["first"]  # the second waits for the only thread
+        await asyncio.gather(first, second)
+
+    asyncio.run(main())
+    [(_, first_began), (second, second_began)] = events
+    assert second == "second"
+    assert second_began - first_began >= 0.19  # not before the first body ended
+
+
+def test_a_failed_before_start_fails_the_run_and_the_body_never_starts() -> None:
+    pool = ThreadPool(PoolOptions(1))
+
+    async def refuse() -> None:
+        raise ConnectionError("the ack could not be sent")
+
+    async def main() -> None:
+        with pytest.raises(ConnectionError, match="the ack could not be sent"):
+            await pool.run(job("spin", before_start=refuse))
+        assert (await pool.run(job("pid"))).state == states.SUCCESS
+
+    asyncio.run(main())  # "spin" never returns: had it started, this would hang
 
 
 def test_threads_soft_limit_is_raised_in_the_body() -> None:
