@@ -18,9 +18,14 @@ app = Celery("slottasks")
 
 
 @worker_ready.connect
-def _note_ready(**_: object) -> None:
+def _note_ready(sender: object = None, **_: object) -> None:
     """When the worker began consuming, in ``ready.time`` of its working directory: the start of
-    the measured span, which thus includes the first fetches but not the process start-up."""
+    the measured span, which thus includes the first fetches but not the process start-up.
+
+    Only for a worker of this app: the test process imports this module, and the in-process
+    workers of other tests send ``worker_ready`` there too."""
+    if getattr(sender, "app", None) is not app:
+        return
     with open("ready.time", "w", encoding="utf-8") as handle:
         handle.write(repr(time.time()))
 
