@@ -217,7 +217,17 @@ def create_pool(name: str, app: Celery, hostname: str, options: PoolOptions) -> 
 class _Work:
     """One job handed to the pool threads, and how it reports back to the loop."""
 
-    __slots__ = ("abandoned", "context", "future", "interrupter", "job", "loop", "started", "state")
+    __slots__ = (
+        "abandoned",
+        "context",
+        "ended",
+        "future",
+        "interrupter",
+        "job",
+        "loop",
+        "started",
+        "state",
+    )
 
     def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
         self.job = job
@@ -234,6 +244,8 @@ class _Work:
         #: QUEUED until a thread takes it (TAKEN) or it is withdrawn first (WITHDRAWN); changed
         #: under the pool's lock, so a job is either run or given back, never both.
         self.state = QUEUED
+        #: Set on the loop once the thread's report of the job's end is taken.
+        self.ended = False
 
 
 QUEUED, TAKEN, WITHDRAWN = "queued", "taken", "withdrawn"
@@ -278,7 +290,10 @@ class ThreadPool(Pool):
         limits = job.limits
         if not limits.any:
             try:
-                return await asyncio.shield(work.future)
+                # Not shielded (a future and two callbacks less per job): cancelling this
+                # cancels work.future too, which nothing else awaits; the thread's report of
+                # the job's end then finds it done and only does the bookkeeping.
+                return await work.future
             except asyncio.CancelledError:
                 self._abandon(work, "cancelled")
                 raise
@@ -322,7 +337,7 @@ class ThreadPool(Pool):
     def _abandon(self, work: _Work, why: str) -> None:
         """Stop waiting for ``work``; raise in its thread what should stop the body."""
         work.abandoned = why
-        if work.future.done():
+        if work.ended:
             return
         self._abandoned.add(work)
         if why == "hard":
@@ -431,6 +446,7 @@ class ThreadPool(Pool):
 
     def _finished(self, work: _Work, outcome: Outcome | None, error: BaseException | None) -> None:
         """On the loop: hand the outcome to the waiting caller, or log the end of an abandoned job."""
+        work.ended = True
         self._abandoned.discard(work)
         if work.abandoned == "hard":
             logger.warning(

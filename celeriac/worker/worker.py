@@ -554,6 +554,8 @@ class Worker:
         """Handle a message that arrived before its ETA or after its expiry time."""
         assert self.broker is not None
         message = request.message
+        if message.expires is None and message.eta is None:
+            return False
         now = datetime.now(UTC)
         if message.expires is not None and message.expires <= now:
             logger.info("Task %s expired at %s: revoked, not run", request, message.expires)
