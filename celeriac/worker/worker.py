@@ -559,20 +559,7 @@ class Worker:
         now = datetime.now(UTC)
         if message.expires is not None and message.expires <= now:
             logger.info("Task %s expired at %s: revoked, not run", request, message.expires)
-            if task_revoked.receivers:
-                task_revoked.send(
-                    sender=request.task,
-                    request=request.context(),
-                    terminated=False,
-                    signum=None,
-                    expired=True,
-                )
-            if not request.ignores_result():
-                await self._store(
-                    build_meta(message.id, states.REVOKED, TaskRevokedError("expired")),
-                    _route_of(request),
-                )
-            await self.broker.ack([request.delivery])
+            await self._announce_revoked(request, "expired", None)
             return True
         if message.eta is not None and message.eta > now + timedelta(milliseconds=5):
             # Never hold a delayed message in memory: it waits in the broker until due.
@@ -762,8 +749,8 @@ class Worker:
     async def _announce_revoked(self, request: Request, reason: str, signum: int | None) -> None:
         """REVOKED stored (unless results are ignored), the message acked, ``task_revoked`` sent.
 
-        ``reason`` is Celery's: "revoked" for a message dropped before it ran, "terminated" for
-        a task stopped while it ran.
+        ``reason`` is Celery's: "revoked" for a message dropped before it ran, "expired" for one
+        that arrived after its ``expires`` time, "terminated" for a task stopped while it ran.
         """
         assert self.broker is not None
         task = request.task
@@ -773,7 +760,7 @@ class Worker:
                 request=request.context(),
                 terminated=signum is not None,
                 signum=signum,
-                expired=False,
+                expired=reason == "expired",
             )
         if not request.ignores_result() or task.resolved_store_errors():
             meta = self._meta(request, states.REVOKED, TaskRevokedError(reason))
