@@ -164,8 +164,14 @@ class CeleriacSide(Side):
         return [self.default_pool()]
 
     def io_pools(self, concurrency: int, prefork_limit: int, quick: bool) -> list[Pool]:
-        # async def tasks run on the event loop; -c is how many run at once.
-        return [Pool(f"async -c {concurrency}", ("-c", str(concurrency)))]
+        # async def tasks run on the event loop, as many at once as --async-concurrency allows
+        # (-c is the pool's size for sync tasks, which this scenario has none of).
+        return [
+            Pool(
+                f"async --async-concurrency {concurrency}",
+                ("--async-concurrency", str(concurrency)),
+            )
+        ]
 
     def memory_pools(self, quick: bool) -> list[Pool]:
         return [self.default_pool()]
