@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -77,3 +80,19 @@ def redis_url(db: int = REDIS_DB) -> str:
 def amqp_url(vhost: str = "/") -> str:
     path = "" if vhost == "/" else vhost
     return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{path}"
+
+
+def wait_until(
+    condition: Callable[[], Any],
+    timeout: float = 5.0,
+    what: str = "the condition",
+    interval: float = 0.01,
+) -> float:
+    """Poll ``condition`` until it holds; the seconds it took. AssertionError on timeout."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - started

@@ -36,7 +36,15 @@ import pytest
 
 from celeriac import Celery
 from celeriac.exceptions import CeleriacError
-from tests.services import REDIS_DB, free_port, in_ci, redis_url, require_redis, unique
+from tests.services import (
+    REDIS_DB,
+    free_port,
+    in_ci,
+    redis_url,
+    require_redis,
+    unique,
+    wait_until,
+)
 
 APPS = Path(__file__).parent / "apps"
 
@@ -61,19 +69,6 @@ def need_program(path: str | None, what: str) -> str:
     if in_ci():
         pytest.fail(f"CI=true and {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-def wait_until(
-    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
-) -> float:
-    """Poll ``condition`` until it holds; the seconds it took. AssertionError on timeout."""
-    started = time.monotonic()
-    deadline = started + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - started
 
 
 def lines(path: Path) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 from celeriac import Celery, states
 from celeriac.contrib.testing import start_worker
 from tests import services
+from tests.services import wait_until
 
 #: Bodies that ran, by the tag they were given.
 ran: list[str] = []
@@ -82,14 +83,6 @@ def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Celery]:
 
 def task(app: Celery, name: str) -> Any:
     return app.tasks[f"{__name__}.{name}"]
-
-
-def wait_until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def test_a_queued_task_is_started_only_when_a_thread_takes_it(app: Celery) -> None:

@@ -20,6 +20,7 @@ from celeriac.exceptions import TaskRevokedError
 from celeriac.signals import task_received, task_revoked
 from celeriac.worker.worker import Worker
 from tests import services
+from tests.services import wait_until
 
 #: Bodies that ran, by the tag they were given.
 ran: list[str] = []
@@ -110,14 +111,6 @@ def revoked_signals() -> Iterator[list[dict[str, Any]]]:
 
 def task(app: Celery, name: str) -> Any:
     return app.tasks[f"{__name__}.{name}"]
-
-
-def wait_until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def test_a_task_revoked_before_any_worker_runs_never_runs(

@@ -36,6 +36,7 @@ from celeriac.signals import (
 )
 from celeriac.worker import Worker
 from celeriac.worker.request import Request
+from tests.services import wait_until
 
 ALL_TASK_SIGNALS = [
     before_task_publish,
@@ -88,14 +89,6 @@ def memory_app() -> Celery:
     return Celery(
         "sig", broker=f"memory://{name}", backend=f"memory://{name}", set_as_current=False
     )
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = datetime.now(UTC) + timedelta(seconds=timeout)
-    while not check():
-        if datetime.now(UTC) > deadline:
-            raise AssertionError("condition not met in time")
-        threading.Event().wait(0.01)
 
 
 # -- the Signal class --------------------------------------------------------------------------------
