@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,7 +33,7 @@ from celeriac.app.context import current_request
 from celeriac.app.publishing import NO_RETRY, RetryPolicy, parse_retry_policy
 from celeriac.app.queues import defined_queue
 from celeriac.exceptions import ImproperlyConfigured, UnknownOptionError
-from celeriac.protocol.message import TaskMessage
+from celeriac.protocol.message import TaskMessage, uuid4_text
 from celeriac.protocol.v2 import default_origin
 from celeriac.protocol.validate import DROPPED_HEADERS, MODEL_HEADERS
 from celeriac.utils.suggest import did_you_mean
@@ -230,7 +229,7 @@ def build(
         ignore_result = task.resolved_ignore_result()
 
     parent = current_request.get()
-    task_id = options.get("task_id") or str(uuid.uuid4())
+    task_id = options.get("task_id") or uuid4_text()
     parent_id = options.get("parent_id") or (parent.id if parent else None)
     root_id = options.get("root_id") or (parent.root_id if parent else None) or task_id
 

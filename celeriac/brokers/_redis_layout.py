@@ -92,15 +92,15 @@ import itertools
 import json
 import re
 import secrets
-import uuid
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from celeriac.brokers._common import check_message
 from celeriac.brokers.base import TransportMessage
 from celeriac.exceptions import ImproperlyConfigured, PublishError
+from celeriac.protocol.message import uuid4_text
 
 #: kombu's separator between a queue name and its priority step, and inside binding members.
 DEFAULT_SEP = "\x06\x16"
@@ -117,6 +117,41 @@ TRANSPORT_PROPERTIES = ("delivery_info", "delivery_tag", DELIVERY_COUNT, ORDER)
 
 
 _json_decode = json.JSONDecoder().decode
+
+
+def _c_encoder_factory() -> Callable[..., Callable[[Any, int], list[str]]] | None:
+    try:
+        from _json import make_encoder
+    except ImportError:  # pragma: no cover - CPython always has it
+        return None
+    return cast("Callable[..., Callable[[Any, int], list[str]]]", make_encoder)
+
+
+_make_encoder = _c_encoder_factory()
+_json_default = json.JSONEncoder().default
+
+
+def _json_dumps(document: dict[str, Any]) -> str:
+    """``json.dumps(document)`` with its defaults, the same text, without the call's setting up.
+
+    ``json.dumps`` checks its arguments and builds a C encoder on every call, which costs a
+    fifth of encoding an envelope; this builds the encoder ``json.dumps`` would build (fresh
+    circular-reference markers each time, as there) and runs it.
+    """
+    if _make_encoder is None:  # pragma: no cover
+        return json.dumps(document)
+    encode = _make_encoder(
+        {},
+        _json_default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ": ",
+        ", ",
+        False,
+        False,
+        True,
+    )
+    return "".join(encode(document, 0))
 
 
 class MalformedEnvelope(ValueError):
@@ -264,14 +299,18 @@ def lease_token_base() -> str:
 
 
 def encode_envelope(
-    message: TransportMessage, exchange: str, routing_key: str
+    message: TransportMessage, exchange: str, routing_key: str, tag: str | None = None
 ) -> tuple[bytes, str]:
-    """kombu's JSON envelope of ``message`` and its fresh ``delivery_tag``; PublishError if not JSON."""
+    """kombu's JSON envelope of ``message`` and its ``delivery_tag``; PublishError if not JSON.
+
+    ``tag`` is the delivery tag to give it (a UUID's text); a fresh one when not given.
+    """
     body = check_message(message)
     properties = {k: v for k, v in message.properties.items() if k not in TRANSPORT_PROPERTIES}
     properties["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
     properties["body_encoding"] = "base64"
-    tag = str(uuid.uuid4())
+    if tag is None:
+        tag = uuid4_text()
     properties["delivery_tag"] = tag
     envelope = {
         "body": base64.b64encode(body).decode("ascii"),
@@ -282,7 +321,7 @@ def encode_envelope(
     }
     try:
         # kombu's own spelling: json.dumps defaults (", " and ": ", ASCII only).
-        text = json.dumps(envelope)
+        text = _json_dumps(envelope)
     except (TypeError, ValueError) as exc:
         raise PublishError(f"message cannot be carried by the broker: {exc}") from exc
     return text.encode("ascii"), tag

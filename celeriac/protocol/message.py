@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -56,3 +57,17 @@ class TaskMessage:
     extra_headers: dict[str, Any] = field(default_factory=dict)
     #: The protocol version the message was read from (always written as 2).
     protocol: int = 2
+
+
+def uuid4_text(random: bytes | None = None) -> str:
+    """A random UUID (version 4) as text, as ``str(uuid.uuid4())`` writes it, for a third of
+    the cost (task ids and delivery tags: one or two per message sent).
+
+    ``random``: 16 bytes from ``os.urandom`` to use (one read serves many ids); read here when
+    not given.
+    """
+    data = bytearray(os.urandom(16) if random is None else random)
+    data[6] = (data[6] & 0x0F) | 0x40  # version 4
+    data[8] = (data[8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = data.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"

@@ -35,12 +35,29 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
+#: This process's ``default_origin()``, made on first use (every message carries it).
+_origin: str | None = None
+
+
 def default_origin() -> str:
     """Celery's ``anon_nodename()``: ``gen<pid>@<hostname>``, the sender of a client message.
 
-    The pid is read on every call, so a forked child reports its own.
+    Made once per process (``os.getpid()`` is a system call, and every message needs it); a
+    forked child makes its own.
     """
-    return f"gen{os.getpid()}@{_hostname()}"
+    global _origin  # noqa: PLW0603 - the per-process value, forgotten after fork()
+    origin = _origin
+    if origin is None:
+        origin = _origin = f"gen{os.getpid()}@{_hostname()}"
+    return origin
+
+
+def _forget_origin() -> None:
+    global _origin  # noqa: PLW0603
+    _origin = None
+
+
+os.register_at_fork(after_in_child=_forget_origin)
 
 
 def to_v2(
