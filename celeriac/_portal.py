@@ -4,6 +4,11 @@ celeriac implements every transport once, as asyncio code. Synchronous callers (
 ``get()``) hand their coroutine to a daemon thread that runs an event loop for the whole process:
 one cross-thread hop per call, no event loop created per call, and connections kept open between
 calls. After ``fork()`` the child gets a fresh loop and thread (the parent's are not usable there).
+
+The hop costs two thread wake-ups and GIL hand-offs per call, more than a round trip to a local
+Redis. So the calls that matter most — publishing, and reading or waiting for a result — skip it
+where the transport offers blocking methods (Redis: see ``Celery._publish_sync`` and
+``Celery._wait_result_sync``); the loop is started only for what still needs it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ class Portal:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        """Whether the loop runs in this process (it is started by the first call)."""
+        return self._loop is not None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

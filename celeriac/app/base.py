@@ -12,14 +12,14 @@ import threading
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 
 from celeriac import codecs
 from celeriac._portal import portal
 from celeriac.app import aliases, calling, queues, routing, shared
 from celeriac.app.config import Settings
 from celeriac.app.control import Control
-from celeriac.app.publishing import RetryPolicy, publish_with_retry
+from celeriac.app.publishing import RetryPolicy, publish_with_retry, publish_with_retry_sync
 from celeriac.app.registry import TaskRegistry
 from celeriac.app.result import AsyncResult
 from celeriac.app.task import P, R, Task
@@ -46,6 +46,72 @@ class _LoopConnections:
     broker: Broker | None = None
     backend: ResultBackend | None = None
     declared: set[str] = field(default_factory=set)
+
+
+@runtime_checkable
+class SyncPublisher(Protocol):
+    """A broker that also publishes on a synchronous caller's own thread (Redis)."""
+
+    def declare_sync(self, queue: QueueSpec) -> None: ...
+
+    def publish_many_sync(self, items: Sequence[PublishRequest]) -> None: ...
+
+    def close_sync(self) -> None: ...
+
+
+@runtime_checkable
+class SyncResults(Protocol):
+    """A result store that also reads and waits on a synchronous caller's own thread (Redis).
+
+    Both methods return None when the store finds it cannot serve synchronous callers after all
+    (a server without what they need); callers then go through the portal for good.
+    """
+
+    def get_sync(self, task_id: str) -> dict[str, Any] | None: ...
+
+    def wait_sync(
+        self, task_id: str, timeout: float | None = None, interval: float = 0.5
+    ) -> dict[str, Any] | None: ...
+
+    def close_sync(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _SyncClients:
+    """The broker and result store synchronous callers use on their own threads, in one process.
+
+    Synchronous calls (``delay()``, ``get()``) would otherwise run on the portal's event loop
+    (:mod:`celeriac._portal`), paying for two thread hand-offs per call. Transports that offer
+    blocking methods (:class:`SyncPublisher`, :class:`SyncResults`) are used directly instead;
+    every other transport, and what these do not cover, keeps the portal.
+    """
+
+    #: The fork count (:data:`_forks`) of the process they belong to.
+    forks: int
+    #: Whether the broker was looked at (it is None when it has no synchronous methods).
+    broker_known: bool = False
+    broker: SyncPublisher | None = None
+    store_known: bool = False
+    store: SyncResults | None = None
+    #: Queues declared through the synchronous broker.
+    declared: set[str] = field(default_factory=set)
+
+
+#: Guards the creation of each app's _SyncClients; made anew in a forked child, where a thread
+#: of the parent may have held it.
+_sync_lock = threading.Lock()
+#: Forks between the first process and this one: _SyncClients of another count are a parent's.
+#: (Cheaper than ``os.getpid()``, a system call, on every synchronous call.)
+_forks = 0
+
+
+def _after_fork() -> None:
+    global _sync_lock, _forks  # noqa: PLW0603 - process-wide state, renewed after fork()
+    _sync_lock = threading.Lock()
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class Celery:
@@ -85,6 +151,7 @@ class Celery:
         ] = weakref.WeakKeyDictionary()
         self._connections_lock = threading.Lock()
         self._pid = os.getpid()
+        self._sync_clients: _SyncClients | None = None
         if set_as_current:
             shared.set_current(self)
         shared.on_app_created(self)
@@ -241,6 +308,70 @@ class Celery:
         """Run a coroutine of this app for a synchronous caller."""
         return portal.call(coro)
 
+    # -- synchronous callers on their own thread -----------------------------------------------
+
+    def _sync(self) -> _SyncClients:
+        clients = self._sync_clients
+        if clients is not None and clients.forks == _forks:
+            return clients
+        with _sync_lock:
+            clients = self._sync_clients
+            if clients is None or clients.forks != _forks:
+                # Forked: the parent's connections are left to the parent, unused and unclosed.
+                clients = self._sync_clients = _SyncClients(_forks)
+            return clients
+
+    def _sync_broker(self) -> SyncPublisher | None:
+        """The broker publishing on the caller's thread, or None: publish through the portal."""
+        clients = self._sync()
+        if not clients.broker_known:
+            with _sync_lock:
+                if not clients.broker_known:
+                    broker = self.create_broker()
+                    clients.broker = broker if isinstance(broker, SyncPublisher) else None
+                    clients.broker_known = True
+        return clients.broker
+
+    def _sync_store(self) -> SyncResults | None:
+        """The result store reading on the caller's thread, or None: read through the portal."""
+        clients = self._sync()
+        if not clients.store_known:
+            with _sync_lock:
+                if not clients.store_known:
+                    store = self.create_result_store()
+                    clients.store = store if isinstance(store, SyncResults) else None
+                    clients.store_known = True
+        return clients.store
+
+    def _no_sync_store(self, store: SyncResults) -> None:
+        """The store cannot serve synchronous callers on this server: use the portal from now."""
+        clients = self._sync()
+        if clients.store is store:
+            clients.store = None
+        store.close_sync()
+
+    def _read_result_sync(self, task_id: str) -> dict[str, Any] | None:
+        """The current document of ``task_id`` read on this thread; None: ask the portal."""
+        store = self._sync_store()
+        if store is None:
+            return None
+        meta = store.get_sync(task_id)
+        if meta is None:
+            self._no_sync_store(store)
+        return meta
+
+    def _wait_result_sync(
+        self, task_id: str, timeout: float | None, interval: float
+    ) -> dict[str, Any] | None:
+        """Wait on this thread for ``task_id`` to finish; its document, or None: ask the portal."""
+        store = self._sync_store()
+        if store is None:
+            return None
+        meta = store.wait_sync(task_id, timeout, interval)
+        if meta is None:
+            self._no_sync_store(store)
+        return meta
+
     async def aclose(self) -> None:
         """Close the connections of the running event loop."""
         conns = self._loop_connections()
@@ -254,7 +385,14 @@ class Celery:
 
     def close(self) -> None:
         """Close the connections used by synchronous calls."""
-        self.run_sync(self.aclose())
+        clients, self._sync_clients = self._sync_clients, None
+        if clients is not None and clients.forks == _forks:
+            if clients.broker is not None:
+                clients.broker.close_sync()
+            if clients.store is not None:
+                clients.store.close_sync()
+        if portal.started:  # else no synchronous call went through it: nothing to close there
+            self.run_sync(self.aclose())
 
     # -- sending -----------------------------------------------------------------------------------
 
@@ -277,6 +415,38 @@ class Celery:
             for outgoing in outgoings:
                 if outgoing.message.reply_to is None:
                     outgoing.message.reply_to = reply_to
+        for batch in _batches(outgoings, self._encode(outgoings)):
+            await self._publish_batch(batch)
+
+    def _publish_sync(self, outgoings: Sequence[calling.Outgoing]) -> bool:
+        """:meth:`_publish_many` on the caller's thread, for synchronous callers.
+
+        Returns False, having done nothing, when the broker cannot publish from this thread or
+        the result store answers through a reply queue (rpc://, which lives on the portal's loop
+        and is named in the messages): the caller then publishes through the portal. Otherwise
+        everything happens as there — encoding first, the signals, batches, declarations and the
+        retry policy — and True is returned once every batch is stored.
+        """
+        broker = self._sync_broker()
+        if broker is None or _uses_reply_queue(self.conf.resolved_result_backend()):
+            return False
+        declared = self._sync().declared
+        for batch in _batches(outgoings, self._encode(outgoings)):
+            route = batch[0][0].route
+            requests, what = _requests(batch)
+
+            def attempt(route: routing.Route = route, requests: _Requests = requests) -> None:
+                if route.exchange and route.queue not in declared:
+                    broker.declare_sync(self._declaration(route))
+                    declared.add(route.queue)
+                broker.publish_many_sync(requests)
+
+            publish_with_retry_sync(attempt, batch[0][0].retry_policy, what)
+            _announce_published(batch)
+        return True
+
+    def _encode(self, outgoings: Sequence[calling.Outgoing]) -> list[TransportMessage]:
+        """Every message encoded, then ``before_task_publish`` sent for each."""
         # Encoding errors are the caller's and are raised at once; only reaching the broker
         # (connecting, declaring, publishing) is retried.
         encoded = [
@@ -299,17 +469,12 @@ class Celery:
                     declare=[self._declaration(route)] if route.exchange else [],
                     retry_policy=dataclasses.asdict(outgoing.retry_policy),
                 )
-        for batch in _batches(outgoings, encoded):
-            await self._publish_batch(batch)
+        return encoded
 
     async def _publish_batch(self, batch: Sequence[_Encoded]) -> None:
         """Publish messages that share one route and retry policy in one broker call."""
-        first = batch[0][0]
-        route = first.route
-        requests = [
-            PublishRequest(message, route.exchange, route.routing_key, outgoing.not_before)
-            for outgoing, message in batch
-        ]
+        route = batch[0][0].route
+        requests, what = _requests(batch)
 
         async def attempt() -> None:
             broker = await self.abroker()
@@ -319,19 +484,8 @@ class Celery:
                 conns.declared.add(route.queue)
             await broker.publish_many(requests)
 
-        what = f"task {first.message.task}[{first.message.id}]"
-        if len(batch) > 1:
-            what += f" and {len(batch) - 1} more to {route.routing_key!r}"
-        await publish_with_retry(attempt, first.retry_policy, what)
-        if after_task_publish.receivers:
-            for outgoing, message in batch:
-                after_task_publish.send(
-                    sender=outgoing.message.task,
-                    body=_signal_body(outgoing.message),
-                    exchange=route.exchange,
-                    routing_key=route.routing_key,
-                    headers=message.headers,
-                )
+        await publish_with_retry(attempt, batch[0][0].retry_policy, what)
+        _announce_published(batch)
 
     async def _reply_queue(self) -> str | None:
         """The result store's reply queue for ``reply_to`` (rpc://), None for stores that keep
@@ -371,7 +525,8 @@ class Celery:
     ) -> AsyncResult:
         """Send task ``name`` (it need not be registered here) and return its result handle."""
         outgoing = self._prepare(name, args, kwargs, options)
-        self.run_sync(self._publish(outgoing))
+        if not self._publish_sync((outgoing,)):
+            self.run_sync(self._publish(outgoing))
         return AsyncResult(outgoing.message.id, app=self)
 
     async def asend_task(
@@ -429,6 +584,36 @@ def _signal_body(message: TaskMessage) -> tuple[Any, ...]:
 
 #: A message to publish and its encoded form.
 _Encoded = tuple[calling.Outgoing, TransportMessage]
+_Requests = list[PublishRequest]
+
+
+def _requests(batch: Sequence[_Encoded]) -> tuple[_Requests, str]:
+    """The broker's requests for a batch of one route, and how errors name the batch."""
+    first = batch[0][0]
+    route = first.route
+    requests = [
+        PublishRequest(message, route.exchange, route.routing_key, outgoing.not_before)
+        for outgoing, message in batch
+    ]
+    what = f"task {first.message.task}[{first.message.id}]"
+    if len(batch) > 1:
+        what += f" and {len(batch) - 1} more to {route.routing_key!r}"
+    return requests, what
+
+
+def _announce_published(batch: Sequence[_Encoded]) -> None:
+    """``after_task_publish`` for each message of a stored batch."""
+    if not after_task_publish.receivers:
+        return
+    route = batch[0][0].route
+    for outgoing, message in batch:
+        after_task_publish.send(
+            sender=outgoing.message.task,
+            body=_signal_body(outgoing.message),
+            exchange=route.exchange,
+            routing_key=route.routing_key,
+            headers=message.headers,
+        )
 
 
 def _batches(

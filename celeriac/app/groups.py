@@ -37,7 +37,7 @@ from celeriac.app.canvas import (
 )
 from celeriac.app.result import AsyncResult, GroupResult
 from celeriac.exceptions import ImproperlyConfigured
-from celeriac.protocol.message import TaskMessage
+from celeriac.protocol.message import TaskMessage, uuid4_text
 
 if TYPE_CHECKING:
     from celeriac.app.base import Celery
@@ -139,7 +139,9 @@ class group(TaskList):
         """
         app = self.app
         prepared = self._prepare(app, args, kwargs, options)
-        app.run_sync(send_prepared(app, prepared))
+        # On this thread where the broker allows it, else through the portal's loop.
+        if not app._publish_sync(prepared.outgoings):
+            app.run_sync(send_prepared(app, prepared))
         return _group_result(prepared)
 
     async def aapply_async(  # type: ignore[override]
@@ -341,7 +343,7 @@ class _TaskIds:
             self._offset = 0
         start = self._offset
         self._offset += 16
-        return str(uuid.UUID(bytes=self._data[start : start + 16], version=4))
+        return uuid4_text(self._data[start : start + 16])
 
 
 def _has_function_router(routes: Any) -> bool:

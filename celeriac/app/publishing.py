@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -96,20 +97,45 @@ async def publish_with_retry(
         except RoutingError:
             raise
         except (ConnectionError, PublishError) as exc:
-            pause = next(pauses, None)
-            if pause is None:
-                if tries == 1 and isinstance(exc, PublishError):
-                    raise
-                after = f" after {tries} attempts" if tries > 1 else ""
-                raise PublishError(
-                    f"could not publish {what}{after}; it was not sent: {exc}"
-                ) from exc
-            logger.warning(
-                "Publishing %s failed (%s); retrying in %.2fs (%d/%s).",
-                what,
-                exc,
-                pause,
-                tries,
-                policy.max_retries if policy.max_retries is not None else "∞",
-            )
-            await asyncio.sleep(pause)
+            await asyncio.sleep(_pause_after(exc, pauses, tries, policy, what))
+
+
+def publish_with_retry_sync(attempt: Callable[[], None], policy: RetryPolicy, what: str) -> None:
+    """:func:`publish_with_retry` for an ``attempt`` that blocks (a synchronous caller's)."""
+    pauses = policy.pauses()
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            attempt()
+            return
+        except RoutingError:
+            raise
+        except (ConnectionError, PublishError) as exc:
+            time.sleep(_pause_after(exc, pauses, tries, policy, what))
+
+
+def _pause_after(
+    exc: ConnectionError | PublishError,
+    pauses: Iterator[float],
+    tries: int,
+    policy: RetryPolicy,
+    what: str,
+) -> float:
+    """The pause before the next try after ``exc`` (logged), or the error to raise when the
+    policy allows no more tries."""
+    pause = next(pauses, None)
+    if pause is None:
+        if tries == 1 and isinstance(exc, PublishError):
+            raise exc
+        after = f" after {tries} attempts" if tries > 1 else ""
+        raise PublishError(f"could not publish {what}{after}; it was not sent: {exc}") from exc
+    logger.warning(
+        "Publishing %s failed (%s); retrying in %.2fs (%d/%s).",
+        what,
+        exc,
+        pause,
+        tries,
+        policy.max_retries if policy.max_retries is not None else "∞",
+    )
+    return pause

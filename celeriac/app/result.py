@@ -113,7 +113,12 @@ class AsyncResult(_ResultBase):
     def _meta(self) -> dict[str, Any]:
         if self._cache is not None:
             return self._cache
-        return self.app.run_sync(self._ameta())
+        meta = self.app._read_result_sync(self.id)
+        if meta is None:  # the store reads only through the portal
+            return self.app.run_sync(self._ameta())
+        if meta["status"] in states.READY_STATES:
+            self._cache = meta
+        return meta
 
     @property
     def state(self) -> str:
@@ -179,9 +184,17 @@ class AsyncResult(_ResultBase):
         whose slots are all waiting): pass ``disable_sync_subtasks=False`` to allow it anyway,
         or link the tasks instead.
         """
-        if disable_sync_subtasks and self._cache is None:
-            _refuse_inside_task()
-        return self.app.run_sync(self.aget(timeout=timeout, propagate=propagate, interval=interval))
+        if self._cache is None:
+            if disable_sync_subtasks:
+                _refuse_inside_task()
+            # Waited for on this thread where the store allows it, else through the portal.
+            meta = self.app._wait_result_sync(self.id, timeout, interval)
+            if meta is None:
+                return self.app.run_sync(
+                    self.aget(timeout=timeout, propagate=propagate, interval=interval)
+                )
+            self._cache = meta
+        return self._outcome(propagate)
 
     async def aget(
         self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5
@@ -190,7 +203,12 @@ class AsyncResult(_ResultBase):
         if self._cache is None:
             backend = await self.app.aresult_store()
             self._cache = await backend.wait(self.id, timeout=timeout, interval=interval)
+        return self._outcome(propagate)
+
+    def _outcome(self, propagate: bool) -> Any:
+        """The cached document's value, or its exception raised when ``propagate``."""
         meta = self._cache
+        assert meta is not None
         value = self._decode_result(meta)
         if propagate and meta["status"] in states.PROPAGATE_STATES:
             raise value

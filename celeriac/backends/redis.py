@@ -55,7 +55,9 @@ are decoded straight from the message. After the pub/sub connection is lost it i
 channel is subscribed again and every waiter reads its key again (a write during the gap was
 published to nobody). As a last resort every waiter also reads its key every
 :data:`FALLBACK_POLL_INTERVAL` seconds, so a lost message can delay a waiter but never hang it; a
-``PING`` every :data:`PING_INTERVAL` seconds of silence finds a dead connection.
+``PING`` every :data:`PING_INTERVAL` seconds of silence finds a dead connection. Synchronous
+callers (``result.get()`` from plain code) wait on their own thread instead, by the same rules,
+over blocking RESP3 connections (:meth:`RedisBackend.wait_sync`).
 
 ``result_backend_transport_options``: ``global_keyprefix``, the connection options of
 :mod:`celeriac.utils.redis_url` (``socket_timeout``, ``socket_connect_timeout``,
@@ -78,12 +80,13 @@ import builtins
 import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celeriac import codecs, states
-from celeriac.backends.base import BackendOptions, ResultBackend, StoredPayload
+from celeriac.backends.base import BackendOptions, ResultBackend, StoredPayload, pending_meta
 from celeriac.brokers._ratelimit_redis import RedisRateLimiter
 from celeriac.brokers.ratelimit import RateLimiterStore
 from celeriac.exceptions import (
@@ -98,7 +101,14 @@ from celeriac.utils.redis_url import (
     parse_redis_url,
     redis_module,
 )
-from celeriac.utils.resp import RedisPipe, ReplyError, RespError
+from celeriac.utils.resp import ConnectionLost, RedisPipe, ReplyError, RespError, backoff, pack
+from celeriac.utils.resp_sync import (
+    RESP3_AVAILABLE,
+    PushNotification,
+    Resp3Refused,
+    SyncConnection,
+    SyncPool,
+)
 from celeriac.utils.suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -608,6 +618,9 @@ class RedisBackend(ResultBackend):
         self._pipe: RedisPipe | None = None
         self._listener: _Listener | None = None
         self._script_sha = hashlib.sha1(STORE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+        #: Blocking RESP3 connections of synchronous callers (get_sync, wait_sync).
+        self._sync_pool: SyncPool | None = None
+        self._sync_lock = threading.Lock()
 
     def _refuse(self, names: list[str]) -> NoReturn:
         name = names[0]
@@ -906,3 +919,189 @@ class RedisBackend(ResultBackend):
                     raise TimeoutError(f"The operation timed out waiting for task {task_id}.")
         finally:
             listener.leave(channel, waiter)
+
+    # -- synchronous callers -----------------------------------------------------------------------
+
+    # ``AsyncResult.get()`` and ``.state`` from synchronous code read and wait here, on the caller's
+    # thread, over blocking connections (celeriac.utils.resp_sync) rather than through another
+    # thread's event loop. They speak RESP3, where a connection subscribed to a channel may still
+    # run commands: a waiter sends SUBSCRIBE and GET together, and the server runs the GET after
+    # the subscription took effect, so nothing published after the read is missed, in one round
+    # trip. No connect() is needed; any number of threads may wait at once, each on a connection
+    # of its own, kept for the next waiter (which unsubscribes the last one's channel).
+
+    def get_sync(self, task_id: str) -> dict[str, Any] | None:
+        """:meth:`get` for synchronous callers; None if the server refuses RESP3 (see above)."""
+        pool = self._sync_connections()
+        if pool is None:
+            return None
+        key = self.key(task_id)
+        try:
+            with self._translate_sync(pool, "reading results"):
+                value = pool.call("GET", key, retries=_RETRIES if pool.ever_connected else 0)
+        except Resp3Refused:
+            return None
+        return pending_meta(task_id) if value is None else self.decode_meta(self._payload(value))
+
+    def wait_sync(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        states_wanted: Collection[str] = states.READY_STATES,
+    ) -> dict[str, Any] | None:
+        """:meth:`wait` for synchronous callers; None if the server refuses RESP3.
+
+        The same rules as :meth:`wait`: woken by the published document; the key is read again
+        every :data:`FALLBACK_POLL_INTERVAL` seconds in case a message was lost, and once more
+        when ``timeout`` is up before :class:`celeriac.exceptions.TimeoutError` is raised. A
+        connection lost while waiting is replaced (subscribe and read again); after
+        :data:`_RETRIES` losses in a row without a read in between, the error is raised.
+        """
+        pool = self._sync_connections()
+        if pool is None:
+            return None
+        key = self.key(task_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lost = 0
+        while True:
+            try:
+                with self._translate_sync(pool, "reading results"):
+                    try:
+                        connection = pool.acquire()
+                    except ConnectionLost as exc:
+                        if not pool.ever_connected:
+                            raise  # as the asyncio store's connect(): at once, no retries
+                        raise _Lost from exc
+                    try:
+                        meta = self._wait_on(connection, task_id, key, deadline, states_wanted)
+                    except TimeoutError:
+                        # Raised with every reply read: the connection is clean.
+                        connection.stale_channels.append(key)
+                        pool.release(connection)
+                        raise
+                    except BaseException:
+                        pool.discard(connection)
+                        raise
+                    pool.release(connection)
+                    return meta
+            except Resp3Refused:
+                return None
+            except _Lost as exc:
+                if exc.waited:
+                    lost = 0  # that connection served a while: count this loss afresh
+                if lost >= _RETRIES:
+                    raise ConnectionError(
+                        f"result store {self.target.describe()}: reading results failed: "
+                        f"{exc.__cause__ or exc}"
+                    ) from exc.__cause__
+                time.sleep(backoff(lost))
+                lost += 1
+
+    def _wait_on(
+        self,
+        connection: SyncConnection,
+        task_id: str,
+        key: bytes,
+        deadline: float | None,
+        states_wanted: Collection[str],
+    ) -> dict[str, Any]:
+        """Subscribe to ``key``'s channel and read it, then wait on ``connection`` for a wanted
+        state; leaves every reply read. A lost connection raises :class:`_Lost`."""
+        # GETs whose reply has not come yet; messages before the first one are not looked at:
+        # that GET ran after them and reads what they carried, or newer.
+        gets = 1
+        read = False
+        try:
+            connection.write(pack([("SUBSCRIBE", key), ("GET", key)]))
+            while True:
+                if gets:
+                    frame = connection.read()
+                else:
+                    left = FALLBACK_POLL_INTERVAL
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError(
+                                f"The operation timed out waiting for task {task_id}."
+                            )
+                        left = min(left, FALLBACK_POLL_INTERVAL)
+                    frame = connection.read_within(left)
+                    if frame is False:
+                        # Nothing published for a while, or the time is up: read the key (a
+                        # lost message, or the last look before giving up).
+                        connection.write(pack([("GET", key)]))
+                        gets += 1
+                        continue
+                if type(frame) is PushNotification:
+                    if not read or len(frame) != 3 or frame[0] != b"message" or frame[1] != key:
+                        continue  # subscription confirmations, other channels' messages
+                    meta = self.decode_meta(self._payload(frame[2]))
+                else:
+                    gets -= 1
+                    read = True
+                    if isinstance(frame, ReplyError):
+                        raise frame
+                    meta = (
+                        pending_meta(task_id)
+                        if frame is None
+                        else self.decode_meta(self._payload(frame))
+                    )
+                if meta["status"] in states_wanted:
+                    if gets:
+                        # A poll's reply is still on its way: rather than wait for it, the
+                        # connection is closed (and not kept for the next waiter).
+                        connection.close()
+                    connection.stale_channels.append(key)
+                    return meta
+        except ConnectionLost as exc:
+            raise _Lost(waited=read) from exc
+
+    def close_sync(self) -> None:
+        """Close the connections of synchronous callers (made again on next use)."""
+        with self._sync_lock:
+            pool, self._sync_pool = self._sync_pool, None
+        if pool is not None:
+            pool.close()
+
+    def _sync_connections(self) -> SyncPool | None:
+        """The pool of blocking RESP3 connections; None without hiredis (RESP3 needs it)."""
+        pool = self._sync_pool
+        if pool is None:
+            if not RESP3_AVAILABLE:
+                return None
+            with self._sync_lock:
+                pool = self._sync_pool
+                if pool is None:
+                    pool = self._sync_pool = SyncPool(
+                        self.target, client_name=self.client_name, resp3=True
+                    )
+        return pool
+
+    @contextlib.contextmanager
+    def _translate_sync(self, pool: SyncPool, what: str) -> Iterator[None]:
+        """:meth:`_translate` for the blocking connections: the same errors, worded the same.
+
+        A store that never reached its server reports it as the asyncio store's ``connect()``
+        does; :class:`Resp3Refused` and :class:`_Lost` pass through for the caller to handle.
+        """
+        try:
+            yield
+        except (Resp3Refused, _Lost, TimeoutError):
+            raise
+        except (RespError, OSError) as exc:
+            step = what if pool.ever_connected else "connect"
+            with self._translate(step):
+                raise exc from None
+
+
+class _Lost(Exception):
+    """A blocking connection was lost while waiting; the cause says how.
+
+    ``waited``: whether the key had been read on it (the connection worked before it was lost),
+    rather than lost at once.
+    """
+
+    def __init__(self, *, waited: bool = False) -> None:
+        super().__init__("connection lost")
+        self.waited = waited

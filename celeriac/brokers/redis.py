@@ -47,7 +47,9 @@ Connections: the commands of every message — the scripts (publish, fetch, hand
 renewals — go over one pipelined connection (:mod:`celeriac.utils.resp`): any number in flight at
 once, each a fraction of the CPU of a redis-py command, which a worker draining a queue sends about
 once per task. The waiting ``BLMOVE``, fanout's pub/sub and the rarer commands use redis-py. Every
-connection carries the ``client_name``.
+connection carries the ``client_name``. Synchronous callers (``delay()`` from plain code) publish
+on their own thread over blocking connections (:meth:`RedisBroker.publish_many_sync`,
+:mod:`celeriac.utils.resp_sync`), with the same scripts and arguments.
 
 Errors: every driver error becomes :class:`~celeriac.exceptions.ConnectionError` (or
 :class:`~celeriac.exceptions.PublishError` from a publish, which returns only once Redis replied
@@ -98,10 +100,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -142,6 +147,7 @@ from celeriac.exceptions import (
     PublishError,
     RoutingError,
 )
+from celeriac.protocol.message import uuid4_text
 from celeriac.utils.redis_url import (
     CONNECTION_OPTIONS,
     make_client,
@@ -149,6 +155,7 @@ from celeriac.utils.redis_url import (
     redis_module,
 )
 from celeriac.utils.resp import RedisPipe, ReplyError, RespError
+from celeriac.utils.resp_sync import ConnectFailed, SyncConnection, SyncPool
 from celeriac.utils.suggest import did_you_mean
 from celeriac.utils.wakeup import Waiter, WakeupRegistry
 
@@ -172,9 +179,19 @@ _BATCH = 1000
 _FOREIGN_SCAN_MAX = 60.0
 #: Fanout messages kept per queue for the next fetch; older ones are dropped (best effort).
 _FANOUT_BUFFER = 10_000
+#: Arguments of the publish script before the messages', and per message.
+_PUBLISH_HEAD = 7
+_PUBLISH_STRIDE = 6
 
 #: Fetches waiting in this process, by Redis server and key prefix: a publish wakes them at once.
 _wakeups = WakeupRegistry()
+
+#: The scripts synchronous callers run (publish, declare), by name: ``(SHA-1, source)``, as
+#: ``EVALSHA`` names them.
+_SYNC_SCRIPTS = {
+    name: (hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest(), source)
+    for name, source in (("publish", scripts.PUBLISH), ("declare", scripts.DECLARE))
+}
 
 _OWN_OPTIONS = (
     "global_keyprefix",
@@ -305,6 +322,9 @@ class RedisBroker(Broker):
         self._confirm = asyncio.Event()
         self._fanout_buffer: dict[str, deque[bytes]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        #: Blocking connections of synchronous callers (publish_many_sync, declare_sync).
+        self._sync_pool: SyncPool | None = None
+        self._sync_lock = threading.Lock()
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -437,9 +457,16 @@ class RedisBroker(Broker):
         self._connected()
         if queue in self._declared:
             return
+        reply = await self._script("declare", self._declare_args(queue), idempotent=True)
+        self._declared_as(queue, reply)
+        if queue.exchange and queue.exchange_type == "fanout":
+            self._fanout_queues.setdefault(queue.exchange, set()).add(queue.name)
+
+    def _declare_args(self, queue: QueueSpec) -> list[Any]:
+        """Arguments of the declare script."""
         pattern = topic_pattern(queue.routing_key) if queue.exchange_type == "topic" else ""
         max_priority = "" if queue.max_priority is None else str(queue.max_priority)
-        args = [
+        return [
             *self._base_args(time.time()),
             queue.name,
             queue.exchange,
@@ -448,20 +475,31 @@ class RedisBroker(Broker):
             pattern,
             max_priority,
         ]
-        reply = await self._script("declare", args, idempotent=True)
+
+    def _declared_as(self, queue: QueueSpec, reply: Any) -> None:
+        """Take the declare script's reply: the queue is declared, or its exchange conflicts."""
         if _text(reply[0]) == "conflict":
             raise ImproperlyConfigured(
                 f"exchange {queue.exchange!r} is already declared as {_text(reply[1])!r}, "
                 f"not {queue.exchange_type!r}"
             )
         self._declared.add(queue)
-        if queue.exchange and queue.exchange_type == "fanout":
-            self._fanout_queues.setdefault(queue.exchange, set()).add(queue.name)
 
     async def publish_many(self, items: Sequence[PublishRequest]) -> None:
         """Route and store the batch in one script: all messages are stored, or none."""
+        args = self._publish_args(items)
+        if args is None:
+            return
+        reply = await self._script("publish", args, PublishError)
+        self._published(reply, args)
+
+    def _publish_args(self, items: Sequence[PublishRequest]) -> list[Any] | None:
+        """Arguments of the publish script for ``items`` (None for an empty batch): the head,
+        then :data:`_PUBLISH_STRIDE` per message."""
         args: list[Any] = []
         count = 0
+        # The random part of every delivery tag of the batch, read at once.
+        random = os.urandom(16 * len(items))
         for item in items:
             message, exchange, routing_key, not_before = item
             for what, value in (("exchange", exchange), ("routing_key", routing_key)):
@@ -470,13 +508,14 @@ class RedisBroker(Broker):
             when = _common.check_not_before(not_before)
             if exchange == "":
                 _routing.default_exchange_queue(routing_key)
-            envelope, tag = encode_envelope(message, exchange, routing_key)
+            tag = uuid4_text(random[16 * count : 16 * count + 16])
+            envelope, tag = encode_envelope(message, exchange, routing_key, tag)
             priority = min(_common.message_priority(message), MAX_PRIORITY)
             args += [exchange, routing_key, str(priority), "" if when is None else repr(when)]
             args += [tag, envelope]
             count += 1
         if not count:
-            return
+            return None
         layout = self._layout
         head = [
             *self._base_args(time.time()),
@@ -485,10 +524,15 @@ class RedisBroker(Broker):
             "1" if self._settings.delayed_delivery else "0",
             str(count),
         ]
-        reply = await self._script("publish", head + args, PublishError)
+        return head + args
+
+    def _published(self, reply: Any, args: list[Any]) -> None:
+        """Take the publish script's reply: raise for an unroutable message, else wake the
+        fetches of this process waiting on the queues that got messages."""
         if _text(reply[0]) == "unroutable":
             index, reason = int(reply[1]) - 1, _text(reply[2])
-            exchange, routing_key = args[index * 6], args[index * 6 + 1]
+            at = _PUBLISH_HEAD + index * _PUBLISH_STRIDE
+            exchange, routing_key = args[at], args[at + 1]
             if reason == "undeclared":
                 raise RoutingError(
                     f"exchange {exchange!r} is not declared; declare a queue bound to it"
@@ -498,6 +542,105 @@ class RedisBroker(Broker):
                 f"declare the queue first"
             )
         _wakeups.notify(self._store_key, [_text(q) for q in reply[1:]])
+
+    # -- synchronous callers ------------------------------------------------------------------
+
+    # ``delay()`` from synchronous code publishes here, on the caller's thread, over blocking
+    # connections (celeriac.utils.resp_sync): the same scripts with the same arguments as the
+    # asyncio methods above, without the hops to and from the event loop of another thread.
+    # These methods need no connect(); they connect on first use, and any number of threads
+    # may call them at once (each on a connection of its own).
+
+    def declare_sync(self, queue: QueueSpec) -> None:
+        """:meth:`declare` for synchronous callers (publishers: nothing is consumed here)."""
+        _routing.check_queue_spec(queue)
+        if queue in self._declared:
+            return
+        reply = self._script_sync("declare", self._declare_args(queue), idempotent=True)
+        self._declared_as(queue, reply)
+
+    def publish_many_sync(self, items: Sequence[PublishRequest]) -> None:
+        """:meth:`publish_many` for synchronous callers: stored in one script, all or none."""
+        args = self._publish_args(items)
+        if args is None:
+            return
+        reply = self._script_sync("publish", args, PublishError)
+        self._published(reply, args)
+
+    def close_sync(self) -> None:
+        """Close the connections of synchronous callers (made again on next use)."""
+        with self._sync_lock:
+            pool, self._sync_pool = self._sync_pool, None
+        if pool is not None:
+            pool.close()
+
+    def _script_sync(
+        self,
+        name: str,
+        args: list[Any],
+        error: type[CeleriacError] = ConnectionError,
+        *,
+        idempotent: bool = False,
+    ) -> Any:
+        """Run a script on a blocking connection; errors worded as the asyncio path words them."""
+        pool = self._sync_pool
+        if pool is None:
+            with self._sync_lock:
+                pool = self._sync_pool
+                if pool is None:
+                    pool = self._sync_pool = SyncPool(
+                        self._target, on_connect=self._check_server_sync
+                    )
+        sha, source = _SYNC_SCRIPTS[name]
+        try:
+            return pool.evalsha(sha, source, (), args, retries=1 if idempotent else 0)
+        except ConnectFailed as exc:
+            if pool.ever_connected:
+                # Reconnecting a connection that worked: as the asyncio path's pipe says it.
+                raise error(f"Redis broker {self._describe}: {exc}") from exc
+            # Never connected: as the asyncio path's connect() says it (through redis-py).
+            raise ConnectionError(
+                f"Redis broker {self._describe}: cannot connect: {self._connect_failure(exc)}"
+            ) from exc
+        except ReplyError as exc:
+            if exc.refused and not pool.ever_connected:
+                # AUTH refused: redis-py's words are the reply without its code.
+                text = str(exc).partition(" ")[2] or str(exc)
+                raise ConnectionError(
+                    f"Redis broker {self._describe}: cannot connect: {text}"
+                ) from exc
+            raise error(f"Redis broker {self._describe}: {exc}") from exc
+        except (RespError, OSError) as exc:
+            raise error(f"Redis broker {self._describe}: {exc}") from exc
+
+    def _connect_failure(self, exc: ConnectFailed) -> str:
+        """Why a first connection failed, in redis-py's words (``Error 111 connecting to …``)."""
+        cause = exc.os_error
+        if cause is None:
+            if "socket_connect_timeout" in str(exc):
+                return "Timeout connecting to server"
+            return str(exc).removeprefix("cannot connect: ")
+        target = self._target
+        where = target.path if target.kind == "unix" else f"{target.host}:{target.port}"
+        if not cause.args:
+            return f"Error connecting to {where}."
+        if len(cause.args) == 1:
+            return f"Error {cause.args[0]} connecting to {where}."
+        return f"Error {cause.args[0]} connecting to {where}. {cause.args[1]}."
+
+    def _check_server_sync(self, connection: SyncConnection) -> None:
+        """On every new blocking connection: the server must be Redis 6.2 or later, as
+        :meth:`connect` checks."""
+        (reply,) = connection.handshake([("INFO", "server")])
+        version = "0"
+        for line in bytes(reply).decode("utf-8", "replace").splitlines():
+            if line.startswith("redis_version:"):
+                version = line.partition(":")[2].strip()
+        if _version_tuple(version) < (6, 2):
+            raise ConnectionError(
+                f"the Redis broker needs Redis 6.2 or later (BLMOVE), "
+                f"{self._describe} runs {version}"
+            )
 
     async def fetch(
         self, queues: Sequence[str], max_messages: int, timeout: float
