@@ -337,6 +337,13 @@ async def send_prepared(app: Celery, prepared: Prepared) -> None:
     await app._publish_many(prepared.outgoings)
 
 
+def send_prepared_sync(app: Celery, prepared: Prepared) -> None:
+    """:func:`send_prepared` for a synchronous caller: on this thread where the broker allows it
+    (no reply queue then), else through the portal's loop."""
+    if not app._publish_sync(prepared.outgoings):
+        app.run_sync(send_prepared(app, prepared))
+
+
 def address_replies(step: dict[str, Any], reply_to: str) -> None:
     """Give a wire signature, and the members of a workflow, ``reply_to`` where they name none."""
     options = step.get("options")

@@ -35,6 +35,7 @@ from celeriac.app.canvas import (
     maybe_signature,
     register_type,
     send_prepared,
+    send_prepared_sync,
 )
 from celeriac.app.groups import group
 from celeriac.app.result import AsyncResult, _ResultBase
@@ -148,7 +149,7 @@ class chain(TaskList):
         """
         app = self.app
         prepared = self._prepare(app, args, kwargs, options)
-        app.run_sync(send_prepared(app, prepared))
+        send_prepared_sync(app, prepared)
         return prepared.result
 
     async def aapply_async(

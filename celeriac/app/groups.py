@@ -34,6 +34,7 @@ from celeriac.app.canvas import (
     maybe_signature,
     register_type,
     send_prepared,
+    send_prepared_sync,
 )
 from celeriac.app.result import AsyncResult, GroupResult
 from celeriac.exceptions import ImproperlyConfigured
@@ -139,9 +140,7 @@ class group(TaskList):
         """
         app = self.app
         prepared = self._prepare(app, args, kwargs, options)
-        # On this thread where the broker allows it, else through the portal's loop.
-        if not app._publish_sync(prepared.outgoings):
-            app.run_sync(send_prepared(app, prepared))
+        send_prepared_sync(app, prepared)
         return _group_result(prepared)
 
     async def aapply_async(  # type: ignore[override]
