@@ -186,12 +186,16 @@ def parse_amqp_url(
 
 
 async def connect(
-    params: AMQPParams, *, client_properties: Mapping[str, Any] | None = None
+    params: AMQPParams,
+    *,
+    client_properties: Mapping[str, Any] | None = None,
+    transport_factory: Any = None,
 ) -> AbstractConnection:
     """Open one aiormq connection; ConnectionError / ImproperlyConfigured say why it failed.
 
     ``client_properties`` are added to what the client announces (a ``connection_name`` given here
-    wins over ``params.connection_name``).
+    wins over ``params.connection_name``). ``transport_factory`` (an aiormq ``TransportFactory``)
+    opens the socket instead of the client's own (see :mod:`celeriac.brokers._amqp_tap`).
     """
     try:
         import aiormq
@@ -216,6 +220,8 @@ async def connect(
         properties["connection_name"] = params.connection_name
     properties.update(client_properties or {})
     extra: dict[str, Any] = {}
+    if transport_factory is not None:
+        extra["transport_factory"] = transport_factory
     if params.tls and params.server_hostname:
         extra["server_hostname"] = params.server_hostname
     connection = aiormq.Connection(
