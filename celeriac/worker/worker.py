@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from celeriac import codecs, states
@@ -426,6 +427,7 @@ class Worker:
         if group is None:
             group = self.slots.group_of(delivery.queue)
         handed_over = False
+        finishing = False
         try:
             outcome = prepare(self.app, delivery, self.accept, self.hostname)
             if isinstance(outcome, Refusal):
@@ -464,12 +466,18 @@ class Worker:
                     await self._not_started(outcome)
                     return
             # The slot is free for the next task while the result is stored and the message
-            # acked; the message stays held (and counted against the prefetch) until then.
+            # acked; the message stays held until then (counted against the prefetch unless
+            # it is acked then). The handler ends here: the finisher's batch ends the rest.
             assert self.finisher is not None
+            if meta is None and ack is None:
+                return
             if ack is not None:
                 group.handed_over()
                 handed_over = True
-            await self.finisher.finish(meta, ack, _route_of(outcome))
+            self.finisher.hand_over(
+                meta, ack, _route_of(outcome), partial(self._finished, tag, group, handed_over)
+            )
+            finishing = True
         except asyncio.CancelledError:
             terminated = self._terminating.pop(tag, None)
             if terminated is not None:
@@ -494,8 +502,28 @@ class Worker:
             self._running.pop(tag, None)
             self._running_requests.pop(tag, None)
             self._terminating.pop(tag, None)
-            self._held.pop(tag, None)
-            group.ended(handed_over)
+            if not finishing:
+                self._held.pop(tag, None)
+                group.ended(handed_over)
+
+    def _finished(
+        self, tag: str, group: QueueGroup, handed_over: bool, error: BaseException | None
+    ) -> None:
+        """The finisher's batch that held the result and ack of ``tag`` ended."""
+        if isinstance(error, CeleriacError):
+            logger.error(
+                "Message %s not finished (%s); it stays with the broker and will be delivered again.",
+                tag,
+                error,
+            )
+        elif error is not None and not isinstance(error, asyncio.CancelledError):
+            logger.error(
+                "Internal error finishing message %s; it will be delivered again.",
+                tag,
+                exc_info=error,
+            )
+        self._held.pop(tag, None)
+        group.ended(handed_over)
 
     async def _not_started(self, request: Request) -> None:
         """The pool gave back the job of ``request`` unstarted: found revoked or taken back by the
@@ -617,6 +645,8 @@ class Worker:
             others = [h for t, h in (*self._waiting.items(), *self._running.items()) if t != tag]
             if others:
                 await asyncio.wait(others)
+            elif self.finisher is not None and self.finisher.busy:
+                await self.finisher.idle()  # messages still being finished are held here too
             elif (fetching := self.slots.fetching()) is not None:
                 # A fetch under way when this message was admitted: what it brings is handed
                 # back, but it must be fetched (leased) and handed back first.
@@ -995,6 +1025,10 @@ class Worker:
         if running:
             logger.info("Waiting for %d running task(s) to finish.", len(running))
         await asyncio.gather(*running, return_exceptions=True)
+        if self.finisher is not None:
+            # Results being stored and messages being acked: their batches end by themselves
+            # (or fail, the messages then staying with the broker).
+            await self.finisher.idle()
 
 
 def _route_of(request: Request) -> ReplyRoute | None:
