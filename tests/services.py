@@ -17,9 +17,13 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from celeriac import Celery
 
 REDIS_HOST = os.environ.get("CELERIAC_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("CELERIAC_TEST_REDIS_PORT", "6379"))
@@ -96,3 +100,45 @@ def wait_until(
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
     return time.monotonic() - started
+
+
+def app_on(kind: str, tmp_path: Path, main: str) -> Celery:
+    """An app whose broker and results are ``kind`` (memory, sqlite, redis or amqp), all of its own:
+    a unique memory name, files under ``tmp_path``, a unique Redis key prefix or AMQP queue (amqp
+    keeps its results in SQLite). Skips, or fails in CI, when the service is not running."""
+    from celeriac import Celery
+
+    if kind == "memory":
+        name = uuid.uuid4().hex
+        return Celery(
+            main, broker=f"memory://{name}", backend=f"memory://{name}", set_as_current=False
+        )
+    if kind == "sqlite":
+        return Celery(
+            main,
+            broker=f"sqlite:///{tmp_path}/broker.sqlite3",
+            backend=f"sqlite:///{tmp_path}/results.sqlite3",
+            set_as_current=False,
+        )
+    if kind == "amqp":
+        # RabbitMQ keeps no key-value data: the results (and revocations) live in SQLite.
+        require_rabbitmq()
+        return Celery(
+            main,
+            broker=amqp_url(),
+            backend=f"sqlite:///{tmp_path}/results.sqlite3",
+            task_default_queue=unique(main),
+            set_as_current=False,
+        )
+    if kind == "redis":
+        require_redis()
+        prefix = unique(main) + ":"
+        return Celery(
+            main,
+            broker=redis_url(),
+            backend=redis_url(),
+            broker_transport_options={"global_keyprefix": prefix},
+            result_backend_transport_options={"global_keyprefix": prefix},
+            set_as_current=False,
+        )
+    raise ValueError(f"no such kind of app: {kind!r}")

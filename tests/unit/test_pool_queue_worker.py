@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,25 +23,7 @@ release = threading.Event()
 
 
 def make_app(kind: str, tmp_path: Path) -> Celery:
-    if kind == "memory":
-        name = uuid.uuid4().hex
-        app = Celery("queued", broker=f"memory://{name}", backend=f"memory://{name}")
-    elif kind == "sqlite":
-        app = Celery(
-            "queued",
-            broker=f"sqlite:///{tmp_path}/broker.sqlite3",
-            backend=f"sqlite:///{tmp_path}/results.sqlite3",
-        )
-    else:
-        services.require_redis()
-        prefix = services.unique("pq") + ":"
-        app = Celery(
-            "queued",
-            broker=services.redis_url(),
-            backend=services.redis_url(),
-            broker_transport_options={"global_keyprefix": prefix},
-            result_backend_transport_options={"global_keyprefix": prefix},
-        )
+    app = services.app_on(kind, tmp_path, "queued")
 
     @app.task
     def doze(tag: str, seconds: float) -> str:

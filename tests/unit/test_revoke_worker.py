@@ -7,7 +7,6 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,39 +28,7 @@ release = threading.Event()
 
 
 def make_app(kind: str, tmp_path: Path) -> Celery:
-    if kind == "memory":
-        name = uuid.uuid4().hex
-        app = Celery(
-            "revoking", broker=f"memory://{name}", backend=f"memory://{name}", set_as_current=False
-        )
-    elif kind == "sqlite":
-        app = Celery(
-            "revoking",
-            broker=f"sqlite:///{tmp_path}/broker.sqlite3",
-            backend=f"sqlite:///{tmp_path}/results.sqlite3",
-            set_as_current=False,
-        )
-    elif kind == "amqp":
-        # RabbitMQ keeps no key-value data: the revocations live in the SQLite result store.
-        services.require_rabbitmq()
-        app = Celery(
-            "revoking",
-            broker=services.amqp_url(),
-            backend=f"sqlite:///{tmp_path}/results.sqlite3",
-            task_default_queue=services.unique("revoke"),
-            set_as_current=False,
-        )
-    else:
-        services.require_redis()
-        prefix = services.unique("rw") + ":"
-        app = Celery(
-            "revoking",
-            broker=services.redis_url(),
-            backend=services.redis_url(),
-            broker_transport_options={"global_keyprefix": prefix},
-            result_backend_transport_options={"global_keyprefix": prefix},
-            set_as_current=False,
-        )
+    app = services.app_on(kind, tmp_path, "revoking")
 
     @app.task
     def record(tag: str) -> str:
