@@ -123,13 +123,25 @@ def dumps(value: Any, serializer: str) -> EncodedPayload:
     codec = _codecs.get(serializer)
     if codec is None:
         codec = _lookup(serializer)
+    return EncodedPayload(_encode(codec, value), codec.content_type, codec.content_encoding)
+
+
+def dumps_data(value: Any, serializer: str) -> bytes:
+    """The bytes :func:`dumps` would return, for callers that need no content type (a store
+    writing many result documents with the serializer it was configured with). Same errors."""
+    codec = _codecs.get(serializer)
+    if codec is None:
+        codec = _lookup(serializer)
+    return _encode(codec, value)
+
+
+def _encode(codec: Codec, value: Any) -> bytes:
     try:
-        data = codec.encoder(value)
+        return codec.encoder(value)
     except (EncodeError, ImproperlyConfigured):
         raise
     except Exception as exc:
         raise EncodeError(f"{codec.name} cannot encode value: {_describe(exc)}") from exc
-    return EncodedPayload(data, codec.content_type, codec.content_encoding)
 
 
 def loads(data: bytes, content_type: str, content_encoding: str, accept: Collection[str]) -> Any:
