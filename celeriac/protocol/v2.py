@@ -125,7 +125,7 @@ def from_v2(headers: Mapping[str, Any], properties: Mapping[str, Any], body: Any
     Naive ``eta``/``expires`` are UTC, as a Celery 5 worker reads them.
     """
     # A str is a sequence too: require a real array, as the worker unpacks exactly three values.
-    if not isinstance(body, list | tuple) or len(body) != 3:
+    if (type(body) is not list and not isinstance(body, list | tuple)) or len(body) != 3:
         shown = saferepr(body, maxlen=100)
         size = f"{len(body)}-element " if isinstance(body, list | tuple) else ""
         raise InvalidTaskError(

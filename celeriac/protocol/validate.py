@@ -196,7 +196,23 @@ def _delivery_mode(value: Any) -> int:
     raise _invalid("delivery_mode", "1 (transient), 2 (persistent) or null", value)
 
 
+#: Every header that never reaches ``extra_headers`` when it has its usual value.
+_USUAL_HEADERS = _NOT_EXTRA | frozenset(DEFAULTED_HEADERS)
+_NO_STAMPS: dict[str, Any] = {}
+
+
 def _extra_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    # The message every Celery and celeriac client writes: only the headers above, the stamping
+    # ones at their defaults (compared as the loop below compares them). One set test instead of
+    # a lookup per header.
+    if (
+        type(headers) is dict
+        and headers.keys() <= _USUAL_HEADERS
+        and headers.get("replaced_task_nesting", 0) == 0
+        and headers.get("stamped_headers") is None
+        and headers.get("stamps", _NO_STAMPS) == _NO_STAMPS
+    ):
+        return {}
     extra: dict[str, Any] = {}
     for key, value in headers.items():
         if key in _NOT_EXTRA:  # every header of the common message: one lookup each
@@ -207,6 +223,10 @@ def _extra_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
             continue
         extra[key] = value
     return extra
+
+
+#: What a missing embed stands for (only read).
+_NO_EMBED: Mapping[str, Any] = {}
 
 
 def build_message(
@@ -224,42 +244,127 @@ def build_message(
     ``naive_tz`` is the zone of timestamps that carry no offset: UTC for protocol v2; for a v1
     body sent with ``utc: false`` the sender's local zone (``None`` = this system's zone).
     """
+    # This runs for every message a worker receives, so each field's usual value (decoded JSON:
+    # exact types) is accepted inline, and anything else goes to the field's validator, which
+    # accepts the rest of what is valid or raises. Fields are taken in one fixed order, so the
+    # field a refusal names does not depend on which of them took the inline path.
     if embed is None:
-        embed = {}
+        embed = _NO_EMBED
     elif type(embed) is not dict and not isinstance(embed, Mapping):
         raise _invalid("embed", "an object with callbacks/errbacks/chain/chord, or null", embed)
     # Unknown embed keys are tolerated, as Celery tolerates them (it merges them into the request
     # context); the model has nowhere to keep them and no worker behaviour depends on them.
     get = headers.get
+    task_id = get("id")
+    if type(task_id) is not str or not task_id:
+        task_id = _required_str("id", task_id)
+    task = get("task")
+    if type(task) is not str or not task:
+        task = _required_str("task", task)
+    if type(args) is not list:
+        args = _args(args)
+    if type(kwargs) is not dict or kwargs:  # a non-empty dict: its keys are checked
+        kwargs = _kwargs(kwargs)
+    eta = get("eta")
+    if eta is not None:
+        eta = _when("eta", eta, naive_tz)
+    expires = get("expires")
+    if expires is not None:
+        expires = _when("expires", expires, naive_tz)
+    retries = get("retries", 0)
+    if type(retries) is not int or retries < 0:
+        retries = _retries(retries)
+    limits = get("timelimit")
+    if limits is None or (
+        type(limits) is list and len(limits) == 2 and limits[0] is None and limits[1] is None
+    ):
+        timelimit: tuple[float | None, float | None] = (None, None)
+    else:
+        timelimit = _timelimit(limits)
+    root_id = get("root_id")
+    if root_id is not None and type(root_id) is not str:
+        root_id = _optional_str("root_id", root_id)
+    parent_id = get("parent_id")
+    if parent_id is not None and type(parent_id) is not str:
+        parent_id = _optional_str("parent_id", parent_id)
+    group = get("group")
+    if group is not None and type(group) is not str:
+        group = _optional_str("group", group)
+    group_index = get("group_index")
+    if group_index is not None and (type(group_index) is not int or group_index < 0):
+        group_index = _optional_index("group_index", group_index)
+    shadow = get("shadow")
+    if shadow is not None and type(shadow) is not str:
+        shadow = _optional_str("shadow", shadow)
+    origin = get("origin")
+    if origin is not None and type(origin) is not str:
+        origin = _optional_str("origin", origin)
+    ignore_result = get("ignore_result")
+    if ignore_result is not None and ignore_result is not True and ignore_result is not False:
+        ignore_result = _optional_bool("ignore_result", ignore_result)
+    argsrepr = get("argsrepr")
+    if argsrepr is not None and type(argsrepr) is not str:
+        argsrepr = _optional_str("argsrepr", argsrepr)
+    kwargsrepr = get("kwargsrepr")
+    if kwargsrepr is not None and type(kwargsrepr) is not str:
+        kwargsrepr = _optional_str("kwargsrepr", kwargsrepr)
+    callbacks = embed.get("callbacks")
+    if callbacks is not None:
+        callbacks = _optional_signatures("callbacks", callbacks)
+    errbacks = embed.get("errbacks")
+    if errbacks is not None:
+        errbacks = _optional_signatures("errbacks", errbacks)
+    chain = embed.get("chain")
+    if chain is not None:
+        chain = _optional_signatures("chain", chain)
+    chord = embed.get("chord")
+    if chord is not None:
+        chord = _optional_signature("chord", chord)
+    pget = properties.get
+    reply_to = pget("reply_to")
+    if reply_to is not None and type(reply_to) is not str:
+        reply_to = _optional_str("reply_to", reply_to)
+    correlation_id = pget("correlation_id")
+    if correlation_id is not None and type(correlation_id) is not str:
+        correlation_id = _optional_str("correlation_id", correlation_id)
+    priority = pget("priority")
+    if priority is not None and (type(priority) is not int or not 0 <= priority <= 255):
+        priority = _optional_priority(priority)
+    delivery_mode = pget("delivery_mode")
+    if type(delivery_mode) is not int or delivery_mode not in (1, 2):
+        delivery_mode = _delivery_mode(delivery_mode)
+    extra_headers = _extra_headers(headers)
+    # Positional, in the dataclass's field order: a call with 27 keywords costs more than all
+    # the checks above (tests compare every field with the message that was encoded).
     return TaskMessage(
-        id=_required_str("id", get("id")),
-        task=_required_str("task", get("task")),
-        args=_args(args),
-        kwargs=_kwargs(kwargs),
-        eta=_when("eta", get("eta"), naive_tz),
-        expires=_when("expires", get("expires"), naive_tz),
-        retries=_retries(get("retries", 0)),
-        timelimit=_timelimit(get("timelimit")),
-        root_id=_optional_str("root_id", get("root_id")),
-        parent_id=_optional_str("parent_id", get("parent_id")),
-        group=_optional_str("group", get("group")),
-        group_index=_optional_index("group_index", get("group_index")),
-        shadow=_optional_str("shadow", get("shadow")),
-        origin=_optional_str("origin", get("origin")),
-        ignore_result=_optional_bool("ignore_result", get("ignore_result")),
-        argsrepr=_optional_str("argsrepr", get("argsrepr")),
-        kwargsrepr=_optional_str("kwargsrepr", get("kwargsrepr")),
-        callbacks=_optional_signatures("callbacks", embed.get("callbacks")),
-        errbacks=_optional_signatures("errbacks", embed.get("errbacks")),
-        chain=_optional_signatures("chain", embed.get("chain")),
-        chord=_optional_signature("chord", embed.get("chord")),
+        task_id,
+        task,
+        args,
+        kwargs,
+        eta,
+        expires,
+        retries,
+        timelimit,
+        root_id,
+        parent_id,
+        group,
+        group_index,
+        shadow,
+        origin,
+        ignore_result,
+        argsrepr,
+        kwargsrepr,
+        callbacks,
+        errbacks,
+        chain,
+        chord,
         # reply_to "" is how Celery writes "no reply queue".
-        reply_to=_optional_str("reply_to", properties.get("reply_to")) or None,
-        correlation_id=_optional_str("correlation_id", properties.get("correlation_id")),
-        priority=_optional_priority(properties.get("priority")),
-        delivery_mode=_delivery_mode(properties.get("delivery_mode")),
-        extra_headers=_extra_headers(headers),
-        protocol=protocol,
+        reply_to or None,
+        correlation_id,
+        priority,
+        delivery_mode,
+        extra_headers,
+        protocol,
     )
 
 

@@ -22,7 +22,7 @@ from celeriac.exceptions import ContentDisallowed, DecodeError
 from celeriac.protocol.envelope import TransportMessage
 from celeriac.protocol.message import TaskMessage
 from celeriac.protocol.parse import from_wire_parts
-from celeriac.protocol.v2 import to_v2
+from celeriac.protocol.v2 import from_v2, to_v2
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "decode", "encode"]
 
@@ -78,7 +78,8 @@ def decode(
         raise DecodeError(
             f"message body is {len(data)} bytes, over the limit of {max_body_size} (max_body_size)"
         )
-    compression = message.headers.get("compression")
+    headers = message.headers
+    compression = headers.get("compression")
     if compression is not None:
         if not isinstance(compression, str) or not compression:
             raise DecodeError(f"'compression' header must be a MIME type, got {compression!r}")
@@ -90,4 +91,8 @@ def decode(
             )
         data = codecs.decompress(data, compression, max_size=max_body_size)
     body = codecs.loads(data, message.content_type, message.content_encoding, accept)
-    return from_wire_parts(message.headers, message.properties, body, local_tz=local_tz)
+    properties = message.properties
+    if type(headers) is dict and type(properties) is dict and "task" in headers:
+        # What from_wire_parts does with the usual message (protocol v2), one call sooner.
+        return from_v2(headers, properties, body)
+    return from_wire_parts(headers, properties, body, local_tz=local_tz)
