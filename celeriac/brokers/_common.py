@@ -20,6 +20,7 @@ from typing import Any, TypeGuard
 
 from celeriac.brokers._routing import clamp_priority
 from celeriac.brokers.base import BrokerOptions, Delivery, PublishRequest, TransportMessage
+from celeriac.codecs.json import loads_text
 from celeriac.exceptions import ImproperlyConfigured, PublishError
 from celeriac.utils.wakeup import WakeupRegistry
 
@@ -132,8 +133,8 @@ def decode_message(
         body=bytes(body),
         content_type=content_type,
         content_encoding=content_encoding,
-        headers=json.loads(headers),
-        properties=json.loads(properties),
+        headers=loads_text(headers),
+        properties=loads_text(properties),
     )
 
 

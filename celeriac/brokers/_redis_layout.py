@@ -87,11 +87,11 @@ order they were fetched in. A fetched message comes back without ``delivery_info
 from __future__ import annotations
 
 import base64
-import binascii
 import itertools
 import json
 import re
 import secrets
+from binascii import a2b_base64
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,6 +99,7 @@ from typing import Any, NamedTuple, cast
 
 from celeriac.brokers._common import check_message
 from celeriac.brokers.base import TransportMessage
+from celeriac.codecs.json import Scanner
 from celeriac.exceptions import ImproperlyConfigured, PublishError
 from celeriac.protocol.message import uuid4_text
 
@@ -116,7 +117,9 @@ ORDER = "x-celeriac-order"
 TRANSPORT_PROPERTIES = ("delivery_info", "delivery_tag", DELIVERY_COUNT, ORDER)
 
 
-_json_decode = json.JSONDecoder().decode
+_json_decoder = json.JSONDecoder()
+_json_decode = _json_decoder.decode
+_json_scan: Scanner = _json_decoder.scan_once  # type: ignore[attr-defined]
 
 
 def _c_encoder_factory() -> Callable[..., Callable[[Any, int], list[str]]] | None:
@@ -341,10 +344,18 @@ def parse_envelope(raw: bytes) -> dict[str, Any]:
     """The JSON object of a list item; MalformedEnvelope if it is none."""
     try:
         # kombu stores text (ASCII JSON): UTF-8, without json.loads' sniffing of UTF-16/32.
-        document = _json_decode(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        # The scanner straight away (see celeriac.codecs.json.decode); text it does not take
+        # whole goes through the decoder, whose error names what is wrong.
+        try:
+            document, end = _json_scan(text, 0)
+        except StopIteration:
+            document = end = None
+        if end != len(text):
+            document = _json_decode(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedEnvelope(f"not a JSON envelope: {exc}") from None
-    if not isinstance(document, dict):
+    if type(document) is not dict:
         raise MalformedEnvelope(f"not a JSON object but {type(document).__name__}")
     return document
 
@@ -356,59 +367,72 @@ def decode_envelope(document: dict[str, Any], queue: str) -> Decoded:
     transport's own entries) rather than copying them: ``document`` is a freshly parsed envelope
     nobody else holds. It is left untouched when the envelope is malformed.
     """
-    headers = document.get("headers")
-    properties = document.get("properties")
+    get = document.get
+    headers = get("headers")
+    properties = get("properties")
     if headers is None:
         headers = {}
     if properties is None:
         properties = {}
     if not isinstance(headers, dict) or not isinstance(properties, dict):
         raise MalformedEnvelope("headers and properties must be JSON objects")
-    body = document.get("body")
+    body = get("body")
     encoding = properties.get("body_encoding")
-    try:
-        if encoding == "base64":
-            if not isinstance(body, str):
-                raise MalformedEnvelope("a base64 body must be a string")
-            data = base64.b64decode(body)
-        elif encoding is None or (isinstance(encoding, str) and encoding.lower() == "utf-8"):
-            if not isinstance(body, str):
-                raise MalformedEnvelope("the body must be a string")
+    if encoding == "base64":
+        if not isinstance(body, str):
+            raise MalformedEnvelope("a base64 body must be a string")
+        try:
+            # What base64.b64decode does with text, without its argument handling.
+            data = a2b_base64(body)
+        except ValueError as exc:  # binascii.Error, or text that is not ASCII
+            raise MalformedEnvelope(f"body cannot be decoded: {exc}") from None
+    elif encoding is None or (isinstance(encoding, str) and encoding.lower() == "utf-8"):
+        if not isinstance(body, str):
+            raise MalformedEnvelope("the body must be a string")
+        try:
             data = body.encode("utf-8")
-        else:
-            raise MalformedEnvelope(f"unknown body_encoding {encoding!r}")
-    except (binascii.Error, UnicodeEncodeError) as exc:
-        raise MalformedEnvelope(f"body cannot be decoded: {exc}") from None
-    info = properties.get("delivery_info")
+        except UnicodeEncodeError as exc:  # a lone surrogate from a \ud800 escape
+            raise MalformedEnvelope(f"body cannot be decoded: {exc}") from None
+    else:
+        raise MalformedEnvelope(f"unknown body_encoding {encoding!r}")
+    # The transport's own properties (TRANSPORT_PROPERTIES) leave the message here.
+    info = properties.pop("delivery_info", None)
+    properties.pop("delivery_tag", None)
+    counted = properties.pop(DELIVERY_COUNT, 0)
+    properties.pop(ORDER, None)
     if not isinstance(info, dict):
-        info = {}
-    counted = properties.get(DELIVERY_COUNT)
-    if not isinstance(counted, int) or isinstance(counted, bool) or counted < 0:
+        info = _NO_INFO
+    if (
+        type(counted) is not int and (not isinstance(counted, int) or isinstance(counted, bool))
+    ) or counted < 0:
         counted = 0
-    flagged_header = headers.get("redelivered") is True
-    flagged = flagged_header or info.get("redelivered") is True
-    if flagged_header:
+    if headers.get("redelivered") is True:
         del headers["redelivered"]
-    for name in TRANSPORT_PROPERTIES:
-        properties.pop(name, None)
+        redelivered = True
+    else:
+        redelivered = info.get("redelivered") is True
     exchange = info.get("exchange")
     routing_key = info.get("routing_key")
-    content_type = document.get("content-type")
-    content_encoding = document.get("content-encoding")
+    content_type = get("content-type")
+    content_encoding = get("content-encoding")
     return Decoded(
-        message=TransportMessage(
-            body=data,
-            content_type=content_type if isinstance(content_type, str) else "",
-            content_encoding=content_encoding if isinstance(content_encoding, str) else "",
-            headers=headers,
-            properties=properties,
+        TransportMessage(
+            data,
+            content_type if isinstance(content_type, str) else "",
+            content_encoding if isinstance(content_encoding, str) else "",
+            headers,
+            properties,
         ),
-        exchange=exchange if isinstance(exchange, str) else "",
-        routing_key=routing_key if isinstance(routing_key, str) else queue,
-        redelivered=flagged or counted > 0,
+        exchange if isinstance(exchange, str) else "",
+        routing_key if isinstance(routing_key, str) else queue,
+        redelivered or counted > 0,
         # A message kombu restored carries the flags but no counter: at least its second delivery.
-        delivery_count=max(counted + 1, 2 if flagged else 1),
+        counted + 1 if counted or not redelivered else 2,
     )
+
+
+#: What a missing ``delivery_info`` stands for (only read).
+_NO_INFO: dict[str, Any] = {}
 
 
 def mark_redelivered(raw: bytes) -> bytes:
