@@ -607,6 +607,7 @@ class RedisBackend(ResultBackend):
         expires = options.expires
         #: Expiry in milliseconds; 0 keeps results forever (None or 0 configured, as in Celery).
         self._ttl_ms = 0 if not expires else max(1, round(expires * 1000))
+        self._ttl_arg = str(self._ttl_ms).encode()
         # Encoding a document checks the serializer at once (unknown or missing dependency) and
         # gives the content type and encoding stored values are read with.
         probe = self.encode_meta({"status": states.PENDING, "task_id": ""})
@@ -756,52 +757,83 @@ class RedisBackend(ResultBackend):
 
         Same rules as :meth:`store` for each; a SUCCESS already stored is kept.
         """
-        serializer = self.options.serializer
-        items = [(self.key(meta["task_id"]), codecs.dumps(meta, serializer).data) for meta in metas]
-        if items:
-            await self._write_values(items)
+        if not metas:
+            return
+        dumps, serializer, prefix = codecs.dumps_data, self.options.serializer, self._prefix_bytes
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        for meta in metas:
+            task_id = meta["task_id"]
+            if not task_id:
+                raise ValueError("task_id must not be empty")  # what key() refuses
+            keys.append(prefix + task_id.encode("utf-8"))
+            values.append(dumps(meta, serializer))
+        await self._write_all(keys, values)
 
     async def _write_values(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        for key, value in items:
+        await self._write_all([key for key, _ in items], [value for _, value in items])
+
+    async def _write_all(self, keys: list[bytes], values: list[bytes]) -> None:
+        """Write ``values[i]`` under ``keys[i]``, never replacing a SUCCESS."""
+        for key, value in zip(keys, values, strict=True):
             if len(value) > MAX_VALUE_SIZE:
                 raise EncodeError(
                     f"result for {key.decode('utf-8', 'replace')} is {len(value)} bytes; "
                     f"Redis stores at most {MAX_VALUE_SIZE} bytes in one value"
                 )
-        guards = [b""] * len(items)
-        pending = list(range(len(items)))
-        for _ in range(MAX_WRITE_ROUNDS):
-            replies = await self._run_script([(*items[i], guards[i]) for i in pending])
+        # The first round judges every stored value in the script (no guards).
+        replies = await self._run_script(keys, values, None)
+        pending = [index for index, reply in enumerate(replies) if isinstance(reply, bytes)]
+        rounds = 1
+        while pending:
+            # The script could not tell whether these stored values are a SUCCESS: judge them
+            # here, then write those that are not, guarded by the value judged.
+            guards: list[bytes] = []
             retry: list[int] = []
-            for index, reply in zip(pending, replies, strict=True):
-                if isinstance(reply, bytes):
-                    # The script could not tell whether the stored value is a SUCCESS.
-                    if self._is_success(reply):
-                        continue
-                    guards[index] = hashlib.sha1(reply, usedforsecurity=False).hexdigest().encode()
-                    retry.append(index)
+            for index in pending:
+                reply = replies[index]
+                if self._is_success(reply):
+                    continue
+                guards.append(hashlib.sha1(reply, usedforsecurity=False).hexdigest().encode())
+                retry.append(index)
             if not retry:
                 return
-            pending = retry
-        raise ConnectionError(
-            f"result store {self.target.describe()}: the results of "
-            f"{[items[i][0].decode('utf-8', 'replace') for i in pending][:5]} kept changing "
-            f"under {MAX_WRITE_ROUNDS} attempts to write them"
-        )
+            if rounds >= MAX_WRITE_ROUNDS:
+                raise ConnectionError(
+                    f"result store {self.target.describe()}: the results of "
+                    f"{[keys[i].decode('utf-8', 'replace') for i in retry][:5]} kept changing "
+                    f"under {MAX_WRITE_ROUNDS} attempts to write them"
+                )
+            answers = await self._run_script(
+                [keys[i] for i in retry], [values[i] for i in retry], guards
+            )
+            rounds += 1
+            pending = []
+            for index, reply in zip(retry, answers, strict=True):
+                replies[index] = reply
+                if isinstance(reply, bytes):
+                    pending.append(index)
 
-    async def _run_script(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[Any]:
-        """Run :data:`STORE_SCRIPT` over ``(key, value, guard)`` items; one reply per item."""
+    async def _run_script(
+        self, keys: Sequence[bytes], values: Sequence[bytes], guards: Sequence[bytes] | None
+    ) -> list[Any]:
+        """Run :data:`STORE_SCRIPT` over keys, values and guards (none: every guard empty);
+        one reply per key."""
         pipe = self._connected_pipe()
-        ttl = str(self._ttl_ms).encode()
+        ttl = self._ttl_arg
         calls: list[tuple[Any, ...]] = []
-        for start in range(0, len(items), MAX_KEYS_PER_CALL):
-            chunk = items[start : start + MAX_KEYS_PER_CALL]
-            call: list[Any] = ["EVALSHA", self._script_sha, len(chunk)]
-            call += (key for key, _, _ in chunk)
-            call.append(ttl)
-            for _, value, guard in chunk:
-                call.append(value)
-                call.append(guard)
+        for start in range(0, len(keys), MAX_KEYS_PER_CALL):
+            chunk = keys[start : start + MAX_KEYS_PER_CALL]
+            call: list[Any] = ["EVALSHA", self._script_sha, len(chunk), *chunk, ttl]
+            chunk_values = values[start : start + MAX_KEYS_PER_CALL]
+            if guards is None:
+                for value in chunk_values:
+                    call += (value, b"")
+            else:
+                for value, guard in zip(
+                    chunk_values, guards[start : start + len(chunk)], strict=True
+                ):
+                    call += (value, guard)
             calls.append(tuple(call))
         with self._translate("storing results"):
             # Writing the same documents again has the same effect: re-sent after a lost
@@ -817,6 +849,8 @@ class RedisBackend(ResultBackend):
             for reply in replies:
                 if isinstance(reply, ReplyError):
                     raise reply
+        if len(replies) == 1:
+            return list(replies[0])
         return [value for chunk in replies for value in chunk]
 
     async def _read(self, task_id: str) -> StoredPayload | None:

@@ -614,6 +614,58 @@ def test_store_many_larger_than_one_script_call(make: Factory) -> None:
     asyncio.run(main())
 
 
+def test_store_many_judges_in_python_only_what_the_script_cannot(
+    make: Factory, raw: redis_sync.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pickle values holding the text SUCCESS are handed back to Python to judge, and written
+    # again (guarded) only if they are not one; the rest of the batch is settled in the first
+    # round. Two keys per script call: the guarded round is split into calls too.
+    monkeypatch.setattr(redis_store, "MAX_KEYS_PER_CALL", 2)
+    pickled = {"serializer": "pickle", "accept": frozenset({PICKLE})}
+
+    async def main() -> None:
+        async with opened(make(**pickled)) as backend:
+            ids = [new_id() for _ in range(7)]
+            stored = {
+                0: build_meta(ids[0], states.STARTED, "SUCCESS soon"),  # judged: replaced
+                2: build_meta(ids[2], states.SUCCESS, "kept"),  # judged: kept
+                3: build_meta(ids[3], states.RETRY, "not yet"),  # no SUCCESS text: replaced
+                5: build_meta(ids[5], states.PENDING, "SUCCESS later"),  # judged: replaced
+                6: build_meta(ids[6], states.SUCCESS, "kept too"),  # judged: kept
+            }
+            for index, meta in stored.items():
+                raw.set(key(prefix, ids[index]), backend.encode_meta(meta).data)
+            judged: list[bytes] = []
+            is_success = backend._is_success
+
+            def judging(data: bytes) -> bool:
+                judged.append(data)
+                return is_success(data)
+
+            monkeypatch.setattr(backend, "_is_success", judging)
+            await backend.store_many(
+                [
+                    build_meta(task_id, states.FAILURE, ValueError(n))
+                    for n, task_id in enumerate(ids)
+                ]
+            )
+            assert len(judged) == 4
+            results = [await backend.get(task_id) for task_id in ids]
+            assert [meta["status"] for meta in results] == [
+                states.FAILURE,
+                states.FAILURE,
+                states.SUCCESS,
+                states.FAILURE,
+                states.FAILURE,
+                states.FAILURE,
+                states.SUCCESS,
+            ]
+            assert (results[2]["result"], results[6]["result"]) == ("kept", "kept too")
+            assert results[5]["result"]["exc_message"] == [5]
+
+    asyncio.run(main())
+
+
 def test_script_is_loaded_again_when_redis_forgot_it(make: Factory) -> None:
     async def main() -> None:
         async with opened(make()) as backend:
