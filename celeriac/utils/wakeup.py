@@ -7,7 +7,9 @@ its next poll or its timeout. Stores keep one :class:`WakeupRegistry` per proces
 store (a memory store's name, an SQLite file's path); a waiter names the *channels* it waits on
 (queues, task ids), so a change on one channel wakes only the waiters of that channel.
 
-Changes made by other *processes* are not seen here: stores that share a file poll for those.
+Changes made by other *processes* are not seen here: stores kept in a file (SQLite) learn of those
+through :mod:`celeriac.utils.file_wakeups`, which turns them into :meth:`WakeupRegistry.notify`
+calls in each waiting process, and poll as a backstop.
 """
 
 from __future__ import annotations
@@ -88,6 +90,13 @@ class WakeupRegistry:
                         waiters.discard(waiter)
                         if not waiters:
                             del self._waiters[slot]
+
+    def notify_all(self, key: str) -> None:
+        """Wake every waiter of store ``key`` (when which channels changed is not known)."""
+        with self._lock:
+            woken = {w for (k, _), waiters in self._waiters.items() if k == key for w in waiters}
+        for waiter in woken:
+            waiter.wake()
 
     def notify(self, key: str, channels: Iterable[str]) -> None:
         """Wake every waiter of store ``key`` that waits on one of ``channels``."""
