@@ -18,9 +18,12 @@ dedicated thread, and its coroutines wait on that thread (a
 :class:`~celeriac.utils.sqlite.ConnectionThread`, as in the SQLite result store). The connection is
 made by :meth:`SQLiteBroker.connect`; a broker inherited through ``fork()`` opens a fresh one in
 the child.
-Idle fetches poll (from 1 ms, backing off to ``polling_interval``), and a publish in the same
-process wakes them at once. Several processes never get the same message while its lease runs:
-every write is a ``BEGIN IMMEDIATE`` transaction, serialised by SQLite's write lock.
+A publish, requeue or defer wakes idle fetches at once: those of its own process directly, those of
+other processes through a Unix datagram socket each fetching process binds in ``<file>.wake/`` (see
+:mod:`celeriac.utils.file_wakeups` for the layout and what happens when that is not possible). Idle
+fetches also poll, from 1 ms backing off to ``polling_interval``, which finds what a lost wake-up
+would have announced. Several processes never get the same message while its lease runs: every
+write is a ``BEGIN IMMEDIATE`` transaction, serialised by SQLite's write lock.
 
 Transport options: ``synchronous`` (``"NORMAL"`` or ``"FULL"``) and ``busy_timeout`` (seconds to
 wait for another process's write lock, default 5).
@@ -54,6 +57,7 @@ from celeriac.brokers.base import (
 from celeriac.brokers.ratelimit import RateLimiterStore
 from celeriac.exceptions import CeleriacError, ConnectionError, PublishError
 from celeriac.utils import sqlite
+from celeriac.utils.file_wakeups import FileWakeups
 from celeriac.utils.wakeup import WakeupRegistry
 
 __all__ = ["PublishRequest", "SQLiteBroker"]
@@ -96,6 +100,8 @@ class SQLiteBroker(Broker):
         settings = sqlite.parse_options(options.transport_options, BROKER_FILE)
         self._db = sqlite.ConnectionThread(self.path, BROKER_FILE, settings, SQLiteStore)
         self._declared: set[QueueSpec] = set()
+        #: Wakes fetches of this and other processes after each change to a queue.
+        self._wake = FileWakeups(self.path, _wakeups, self.path, "SQLite broker")
 
     async def _run(
         self, op: Callable[[SQLiteStore], _T], error: type[CeleriacError] = ConnectionError
@@ -109,6 +115,7 @@ class SQLiteBroker(Broker):
         await self._db.open()
 
     async def close(self) -> None:
+        self._wake.close()
         await self._db.close()
 
     # -- the contract -------------------------------------------------------------------------
@@ -125,13 +132,17 @@ class SQLiteBroker(Broker):
         batch = [_common.prepare_publish(item) for item in items]
         if not batch:
             return
-        touched = await self._run(lambda store: store.publish(batch), PublishError)
-        _wakeups.notify(self.path, touched)
+        changed = self._wake.changed
+        # Announced on the connection's thread right after the commit, off the event loop.
+        await self._run(lambda store: changed(store.publish(batch)), PublishError)
 
     async def fetch(
         self, queues: Sequence[str], max_messages: int, timeout: float
     ) -> list[Delivery]:
         names = _common.check_fetch(queues, max_messages, timeout)
+        if timeout > 0:
+            # Bound before the first claim, so a publish the claim misses is announced to it.
+            self._wake.listen()
         return await _common.claim_or_wait(
             _wakeups,
             self.path,
@@ -159,10 +170,10 @@ class SQLiteBroker(Broker):
         leases = [_lease(d) for d in future.result()[0]]
         if not leases:
             return
-        path = self.path
+        changed = self._wake.changed
 
         def release(store: SQLiteStore) -> None:
-            _wakeups.notify(path, store.hand_back(leases, None, counted=False))
+            changed(store.hand_back(leases, None, counted=False))
 
         # Closed already (ConnectionError, or RuntimeError from a thread shutting down): the leases
         # simply run out.
@@ -178,16 +189,16 @@ class SQLiteBroker(Broker):
         _common.check_reason(reason)
         lease = _lease(delivery)
         if requeue:
-            touched = await self._run(lambda store: store.hand_back([lease], None, counted=True))
-            _wakeups.notify(self.path, touched)
+            changed = self._wake.changed
+            await self._run(lambda store: changed(store.hand_back([lease], None, counted=True)))
         else:
             await self._run(lambda store: store.dead_letter(lease, reason))
 
     async def defer(self, delivery: Delivery, not_before: float) -> None:
         when = _common.check_defer_time(not_before)
         lease = _lease(delivery)
-        touched = await self._run(lambda store: store.hand_back([lease], when, counted=False))
-        _wakeups.notify(self.path, touched)
+        changed = self._wake.changed
+        await self._run(lambda store: changed(store.hand_back([lease], when, counted=False)))
 
     async def renew(self, deliveries: Sequence[Delivery]) -> None:
         leases = [_lease(d) for d in deliveries]
