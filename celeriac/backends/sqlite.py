@@ -39,6 +39,12 @@ never at import, so the store works in a process that forks after importing cele
 process that had connected opens its own). Opening, claiming and configuring the file is shared
 with the broker too (:mod:`celeriac.utils.sqlite`).
 
+Waiting: a result stored wakes the waiters of that task at once — those of its own process directly,
+those of other processes through a Unix datagram socket each waiting process binds in
+``<file>.wake/`` (see :mod:`celeriac.utils.file_wakeups` for the layout and what happens when that
+is not possible). Waiters also poll as before (from 1 ms backing off to ``interval``), which finds
+what a lost wake-up would have announced.
+
 ``result_backend_transport_options``: ``busy_timeout`` (seconds > 0, default 5) and ``synchronous``
 (``"NORMAL"`` or ``"FULL"``); anything else is refused.
 """
@@ -46,16 +52,20 @@ with the broker too (:mod:`celeriac.utils.sqlite`).
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, Collection, Iterable, Sequence
 from typing import Any
 
 from celeriac import states
 from celeriac.backends.base import BackendOptions, ResultBackend, StoredPayload
 from celeriac.brokers._ratelimit_sqlite import SQLiteRateLimiter
 from celeriac.brokers.ratelimit import RateLimiterStore
+from celeriac.exceptions import TimeoutError
 from celeriac.utils import sqlite
+from celeriac.utils.file_wakeups import FileWakeups
+from celeriac.utils.wakeup import WakeupRegistry
 
 SCHEMA_VERSION = 1
 #: ``PRAGMA application_id`` of a result store file: "celr" in ASCII.
@@ -126,6 +136,12 @@ WHERE task_id = ? AND (expires_at IS NULL OR expires_at > ?)
 
 _Row = tuple[str, str, bytes, str, str, float | None, float]
 
+#: First pause of a wait; doubled up to its ``interval``.
+_FIRST_POLL = 0.001
+
+#: Waits in this process, by the database's real path and task id: a write wakes them at once.
+_wakeups = WakeupRegistry()
+
 
 def parse_url(url: str) -> str:
     """The absolute database path of a ``sqlite:///relative`` or ``sqlite:////absolute`` URL.
@@ -147,6 +163,9 @@ class SQLiteBackend(ResultBackend):
         )
         #: Rows written by this instance; counted on the connection's thread.
         self._writes = 0
+        key = os.path.realpath(self.path)
+        #: Wakes the waits of this and other processes on the task ids written.
+        self._wake = FileWakeups(self.path, _wakeups, key, "SQLite result store")
 
     @property
     def _conn(self) -> sqlite3.Connection | None:
@@ -168,6 +187,7 @@ class SQLiteBackend(ResultBackend):
         await self._db.open()
 
     async def close(self) -> None:
+        self._wake.close()
         await self._db.close()
 
     # -- primitives ------------------------------------------------------------------------------
@@ -188,10 +208,12 @@ class SQLiteBackend(ResultBackend):
 
     def _write_rows(self, conn: sqlite3.Connection, rows: list[_Row]) -> None:
         if len(rows) == 1:
-            conn.execute(_UPSERT, rows[0])
+            conn.execute(_UPSERT, rows[0])  # no transaction open: committed when it returns
         else:
             with sqlite.immediate_transaction(conn):
                 conn.executemany(_UPSERT, rows)
+        # After the commit, from the connection's thread: the event loop does not wait for it.
+        self._wake.changed(row[0] for row in rows)
         before = self._writes
         self._writes += len(rows)
         if self._writes // SWEEP_EVERY != before // SWEEP_EVERY:
@@ -239,6 +261,90 @@ class SQLiteBackend(ResultBackend):
             for task_id, data, content_type, content_encoding in rows:
                 found[task_id] = StoredPayload(bytes(data), content_type, content_encoding)
         return [found.get(task_id) for task_id in task_ids]
+
+    # -- waiting -------------------------------------------------------------------------------
+
+    # The template's waits read first and wait afterwards; a write landing between the two would
+    # go unnoticed until the next poll. These register the waiter (and bind the socket other
+    # processes wake it through) before each read instead.
+
+    async def _wait_for_change(self, task_id: str, timeout: float) -> None:
+        """Return when a write to ``task_id`` is announced, or after ``timeout``."""
+        self._wake.listen()
+        with _wakeups.waiting(self._wake.key, (task_id,)) as waiter:
+            await waiter.wait(timeout)
+
+    async def wait(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        states_wanted: Collection[str] = states.READY_STATES,
+    ) -> dict[str, Any]:
+        """Wait until the task reaches one of ``states_wanted``; return its document.
+
+        Woken as soon as a write to the task is announced; between wake-ups the document is read
+        again after 1 ms, then at intervals doubling up to ``interval`` (in case an announcement
+        was lost). Raises :class:`celeriac.exceptions.TimeoutError` after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wake.listen()
+        pause = _FIRST_POLL
+        with _wakeups.waiting(self._wake.key, (task_id,)) as waiter:
+            while True:
+                waiter.clear()
+                meta = await self.get(task_id)
+                if meta["status"] in states_wanted:
+                    return meta
+                left = interval
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"The operation timed out waiting for task {task_id}.")
+                if not await waiter.wait(min(pause, left, interval)):
+                    pause = min(pause * 2, interval)
+
+    async def wait_many(
+        self,
+        task_ids: Sequence[str],
+        timeout: float | None = None,
+        interval: float = 0.5,
+        states_wanted: Collection[str] = states.READY_STATES,
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """Yield ``(task_id, document)`` for each task as it reaches one of ``states_wanted``.
+
+        As :meth:`ResultBackend.wait_many`, but woken as soon as a write to one of the tasks is
+        announced: the unfinished documents are then read again in one batch. Polling backs it
+        up as in :meth:`wait`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(dict.fromkeys(task_ids))
+        if not pending:
+            return
+        self._wake.listen()
+        pause = _FIRST_POLL
+        with _wakeups.waiting(self._wake.key, pending) as waiter:
+            while True:
+                waiter.clear()
+                still: list[str] = []
+                for task_id, meta in zip(pending, await self.get_many(pending), strict=True):
+                    if meta["status"] in states_wanted:
+                        yield task_id, meta
+                    else:
+                        still.append(task_id)
+                pending = still
+                if not pending:
+                    return
+                wait = interval
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(
+                            f"The operation timed out waiting for {len(pending)} task(s) to finish."
+                        )
+                    wait = min(wait, left)
+                if not await waiter.wait(min(pause, wait)):
+                    pause = min(pause * 2, interval)
 
     def rate_limiter(self) -> RateLimiterStore:
         """Limits kept in a table of this file (see :mod:`celeriac.brokers._ratelimit_sqlite`)."""
