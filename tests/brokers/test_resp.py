@@ -314,12 +314,9 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_with_certificate_checks_for_the_broker_and_its_pipe(tmp_path: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = make_certificate(tmp_path)
-    port = free_port()
-    tls = [
+def tls_server_args(port: int, cert: Path, key: Path) -> list[str]:
+    """redis-server options: TLS only, on ``port``, with this certificate; clients unchecked."""
+    return [
         "--port",
         "0",
         "--tls-port",
@@ -333,6 +330,14 @@ def test_tls_with_certificate_checks_for_the_broker_and_its_pipe(tmp_path: Path)
         "--tls-auth-clients",
         "no",
     ]
+
+
+def test_tls_with_certificate_checks_for_the_broker_and_its_pipe(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = make_certificate(tmp_path)
+    port = free_port()
+    tls = tls_server_args(port, cert, key)
     with private_redis(tmp_path, *tls) as proc:
         wait_for_port(port, proc)
         url = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"

@@ -26,7 +26,12 @@ from celeriac.utils.resp_sync import (
     Resp3Refused,
     SyncPool,
 )
-from tests.brokers.test_resp import make_certificate, private_redis, wait_for_port
+from tests.brokers.test_resp import (
+    make_certificate,
+    private_redis,
+    tls_server_args,
+    wait_for_port,
+)
 from tests.forking import run_in_fork_child
 from tests.services import free_port, redis_url, require_redis, unique
 
@@ -262,20 +267,7 @@ def test_tls_with_certificate_checks(tmp_path: Path) -> None:
         pytest.skip("openssl is not installed")
     cert, key = make_certificate(tmp_path)
     port = free_port()
-    tls = [
-        "--port",
-        "0",
-        "--tls-port",
-        str(port),
-        "--tls-cert-file",
-        str(cert),
-        "--tls-key-file",
-        str(key),
-        "--tls-ca-cert-file",
-        str(cert),
-        "--tls-auth-clients",
-        "no",
-    ]
+    tls = tls_server_args(port, cert, key)
     with private_redis(tmp_path, *tls) as proc:
         wait_for_port(port, proc)
         checked = pool_for(
