@@ -487,14 +487,8 @@ class Worker:
                 # Warm shutdown before the task started, or cold shutdown while it ran: the
                 # message goes back to the broker and runs again (nothing to finish).
                 await self._give_back(delivery)
-        except CeleriacError as exc:
-            logger.error(
-                "Message %s not finished (%s); it stays with the broker and will be delivered again.",
-                tag,
-                exc,
-            )
-        except Exception:
-            logger.exception("Internal error handling message %s; it will be delivered again.", tag)
+        except Exception as exc:
+            self._not_finished(tag, exc, "handling")
         finally:
             if self._waiting.pop(tag, None) is not None:
                 group.waiting -= 1
@@ -510,20 +504,28 @@ class Worker:
         self, tag: str, group: QueueGroup, handed_over: bool, error: BaseException | None
     ) -> None:
         """The finisher's batch that held the result and ack of ``tag`` ended."""
+        if error is not None and not isinstance(error, asyncio.CancelledError):
+            self._not_finished(tag, error, "finishing")
+        self._held.pop(tag, None)
+        group.ended(handed_over)
+
+    @staticmethod
+    def _not_finished(tag: str, error: BaseException, doing: str) -> None:
+        """Log why the message ``tag`` was not finished: the broker delivers it again. A store or
+        broker error is told in one line, anything else (a bug) with its traceback."""
         if isinstance(error, CeleriacError):
             logger.error(
                 "Message %s not finished (%s); it stays with the broker and will be delivered again.",
                 tag,
                 error,
             )
-        elif error is not None and not isinstance(error, asyncio.CancelledError):
+        else:
             logger.error(
-                "Internal error finishing message %s; it will be delivered again.",
+                "Internal error %s message %s; it will be delivered again.",
+                doing,
                 tag,
                 exc_info=error,
             )
-        self._held.pop(tag, None)
-        group.ended(handed_over)
 
     async def _not_started(self, request: Request) -> None:
         """The pool gave back the job of ``request`` unstarted: found revoked or taken back by the
