@@ -23,17 +23,16 @@ from celeriac.backends.base import BackendOptions
 from celeriac.backends.sqlite import SQLiteBackend
 from celeriac.utils import file_wakeups
 from celeriac.utils.file_wakeups import wake_directory
-from tests.brokers.test_sqlite_wakeups import read_only_directory, sockets_in
+from tests.brokers.test_sqlite_wakeups import (
+    IDLE,
+    SLOW_POLL,
+    WOKEN_WITHIN,
+    read_only_directory,
+    sockets_in,
+    url_of,
+)
 
 spawn = multiprocessing.get_context("spawn")
-
-SLOW_POLL = 5.0
-IDLE = 0.6
-WOKEN_WITHIN = 0.1
-
-
-def url_of(path: Path) -> str:
-    return f"sqlite:///{path}"
 
 
 def document(task_id: str, status: str = states.SUCCESS, result: Any = 3) -> dict[str, Any]:
