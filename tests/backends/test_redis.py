@@ -666,6 +666,33 @@ def test_store_many_judges_in_python_only_what_the_script_cannot(
     asyncio.run(main())
 
 
+def test_a_key_of_another_type_is_replaced_by_the_result(
+    make: Factory, raw: redis_sync.Redis, prefix: str
+) -> None:
+    """What sits under a result key but is no string (a list, a hash) is no stored result: the
+    result replaces it, beside keys holding a result or nothing, in one batch."""
+    listed, hashed, empty, done = new_id(), new_id(), new_id(), new_id()
+    raw.rpush(key(prefix, listed), "x")
+    raw.hset(key(prefix, hashed), "f", "v")
+
+    async def main() -> None:
+        async with opened(make()) as backend:
+            await backend.store(build_meta(done, states.SUCCESS, "first"))
+            await backend.store_many(
+                [build_meta(task_id, states.SUCCESS, task_id) for task_id in (listed, hashed)]
+                + [
+                    build_meta(empty, states.FAILURE, ValueError("no")),
+                    build_meta(done, states.FAILURE, ValueError("late")),
+                ]
+            )
+            assert (await backend.get(listed))["result"] == listed
+            assert (await backend.get(hashed))["result"] == hashed
+            assert (await backend.get(empty))["status"] == states.FAILURE
+            assert (await backend.get(done))["result"] == "first"  # a SUCCESS stays
+
+    asyncio.run(main())
+
+
 def test_script_is_loaded_again_when_redis_forgot_it(make: Factory) -> None:
     async def main() -> None:
         async with opened(make()) as backend:

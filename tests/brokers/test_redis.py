@@ -462,6 +462,48 @@ def test_a_cancelled_fetch_loses_nothing(prefix: str) -> None:
     run(scenario())
 
 
+def test_one_fetch_of_thousands_leases_every_message_once(prefix: str, admin: redis.Redis) -> None:
+    """A fetch far bigger than a worker's usual one: every message is leased once (kombu's
+    unacked hash and index, the queue's lease set), and the ack removes every trace."""
+    count = 2_500
+
+    async def scenario() -> None:
+        async with connected(prefix) as broker:
+            await broker.publish_many(
+                [PublishRequest(message(str(i)), "", "many") for i in range(count)]
+            )
+            got = await broker.fetch(["many"], count, 0)
+            assert sorted(bodies(got), key=int) == [str(i) for i in range(count)]
+            assert len({d.delivery_tag for d in got}) == count
+            assert admin.hlen(f"{prefix}unacked") == count
+            assert admin.zcard(f"{prefix}unacked_index") == count
+            assert admin.zcard(f"{prefix}_celeriac.leases.many") == count
+            await broker.ack(got)
+            assert admin.hlen(f"{prefix}unacked") == 0
+            assert admin.zcard(f"{prefix}unacked_index") == 0
+            assert admin.zcard(f"{prefix}_celeriac.leases.many") == 0
+            assert await broker.fetch(["many"], 10, 0) == []
+
+    run(scenario())
+
+
+def test_a_fetch_loads_its_script_again_when_the_server_forgot_it(prefix: str) -> None:
+    async def scenario() -> None:
+        async with connected(prefix) as broker:
+            await broker.publish(message("a"), exchange="", routing_key="q")
+            # As after a restart or SCRIPT FLUSH: a script the server has never seen (NOSCRIPT).
+            claim = broker._scripts["claim"]
+            broker._scripts["claim"] = broker._client.register_script(
+                f"{claim.script}\n-- {uuid.uuid4()}"
+            )
+            got = await broker.fetch(["q"], 10, 0)
+            assert bodies(got) == ["a"]
+            await broker.ack(got)
+            assert await broker.size("q") == 0
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("separators", [(", ", ": "), (",", ":")])
 def test_a_restore_edits_the_envelope_in_place(
     prefix: str, admin: redis.Redis, separators: tuple[str, str]
