@@ -31,6 +31,7 @@ from tests.brokers.test_sqlite_wakeups import (
     sockets_in,
     url_of,
 )
+from tests.forking import spawned_with_pipe
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -75,12 +76,9 @@ def wait_in_child(url: str, task_ids: list[str], pipe: Connection) -> None:
 
 def store_and_time(db: Path, task_ids: list[str]) -> list[float]:
     """Store each task's result here while a child process waits; seconds until it saw each."""
-    ours, theirs = spawn.Pipe()
-    child = spawn.Process(target=wait_in_child, args=(url_of(db), task_ids, theirs))
-    child.start()
     latencies = []
 
-    async def store() -> None:
+    async def store(ours: Connection) -> None:
         backend = await connected(db)
         try:
             assert ours.poll(30), "the waiting process did not start"
@@ -96,13 +94,8 @@ def store_and_time(db: Path, task_ids: list[str]) -> list[float]:
         finally:
             await backend.close()
 
-    try:
-        asyncio.run(store())
-    finally:
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-    assert child.exitcode == 0
+    with spawned_with_pipe(wait_in_child, url_of(db), task_ids) as ours:
+        asyncio.run(store(ours))
     return latencies
 
 

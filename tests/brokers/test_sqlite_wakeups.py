@@ -28,7 +28,7 @@ from celeriac.brokers.sqlite import SQLiteBroker
 from celeriac.utils import file_wakeups
 from celeriac.utils.file_wakeups import encode, wake_directory
 from tests.brokers.conftest import message
-from tests.forking import run_in_fork_child
+from tests.forking import run_in_fork_child, spawned_with_pipe
 from tests.services import wait_until
 
 spawn = multiprocessing.get_context("spawn")
@@ -82,12 +82,9 @@ def consume(url: str, rounds: int, pipe: Connection) -> None:
 
 def wake_latencies(db: Path, rounds: int = 3) -> list[float]:
     """Seconds from each publish here to the fetch in a consumer process."""
-    ours, theirs = spawn.Pipe()
-    child = spawn.Process(target=consume, args=(url_of(db), rounds, theirs))
-    child.start()
     latencies = []
 
-    async def produce() -> None:
+    async def produce(ours: Connection) -> None:
         broker = await connected(db)
         try:
             for number in range(rounds):
@@ -101,13 +98,8 @@ def wake_latencies(db: Path, rounds: int = 3) -> list[float]:
         finally:
             await broker.close()
 
-    try:
-        asyncio.run(produce())
-    finally:
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-    assert child.exitcode == 0
+    with spawned_with_pipe(consume, url_of(db), rounds) as ours:
+        asyncio.run(produce(ours))
     return latencies
 
 
