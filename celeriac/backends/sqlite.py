@@ -268,12 +268,6 @@ class SQLiteBackend(ResultBackend):
     # go unnoticed until the next poll. These register the waiter (and bind the socket other
     # processes wake it through) before each read instead.
 
-    async def _wait_for_change(self, task_id: str, timeout: float) -> None:
-        """Return when a write to ``task_id`` is announced, or after ``timeout``."""
-        self._wake.listen()
-        with _wakeups.waiting(self._wake.key, (task_id,)) as waiter:
-            await waiter.wait(timeout)
-
     async def wait(
         self,
         task_id: str,
