@@ -109,7 +109,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -449,6 +449,17 @@ class RedisBroker(Broker):
             return await pipe.evalsha(
                 script.sha, script.script, (), args, retries=1 if idempotent else 0
             )
+
+    def _script_now(self, name: str, args: list[Any]) -> Coroutine[Any, Any, Any]:
+        """:meth:`_script` (not idempotent), its command written before this returns when the
+        connection is up: see :meth:`RedisPipe.evalsha_now`. Await the coroutine for the reply."""
+        pipe = self._connected_pipe()
+        script = self._scripts[name]
+        return self._translated(pipe.evalsha_now(script.sha, script.script, (), args))
+
+    async def _translated(self, reply: Awaitable[Any]) -> Any:
+        with self._errors():
+            return await reply
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -826,7 +837,7 @@ class RedisBroker(Broker):
         if time.monotonic() - self._clock_measured > _CLOCK_REFRESH:
             await self._measure_clock(client)
         call = asyncio.ensure_future(
-            self._script("claim", self._claim_args(names, limit - len(taken)))
+            self._script_now("claim", self._claim_args(names, limit - len(taken)))
         )
         try:
             reply = await asyncio.shield(call)

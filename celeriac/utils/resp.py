@@ -29,7 +29,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
@@ -365,6 +365,10 @@ def ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
     return context
 
 
+#: Commands written already: the connection, and the future of their replies.
+_Sent = tuple[_Protocol, "asyncio.Future[list[Any]]"]
+
+
 class RedisPipe:
     """A pipelining connection to the server of a :class:`~celeriac.utils.redis_url.RedisTarget`.
 
@@ -393,12 +397,27 @@ class RedisPipe:
         ``retries``: how many times to send them again on a fresh connection if the connection
         is lost — only for commands with the same effect however often they run.
         """
-        data = pack(commands)
+        return await self._execute(pack(commands), len(commands), retries, None)
+
+    def _send_now(self, data: bytes, count: int) -> _Sent | None:
+        """Write ``data`` at once if the connection is up and due no health check; else None."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None or self._check_due(protocol):
+            return None
+        return protocol, protocol.send(data, count)
+
+    async def _execute(
+        self, data: bytes, count: int, retries: int, sent: _Sent | None
+    ) -> list[Any]:
+        """:meth:`execute` of packed commands, perhaps ``sent`` already."""
         attempt = 0
         while True:
             try:
-                protocol = await self._ready()
-                future = protocol.send(data, len(commands))
+                if sent is None:
+                    protocol = await self._ready()
+                    future = protocol.send(data, count)
+                else:
+                    (protocol, future), sent = sent, None
                 await protocol.drained()
                 if self._timeout is None:
                     return await future
@@ -418,7 +437,11 @@ class RedisPipe:
 
     async def call(self, *command: Arg, retries: int = 0) -> Any:
         """One command's reply; an error reply is raised as :class:`ReplyError`."""
-        (reply,) = await self.execute([command], retries=retries)
+        return await self._call(pack([command]), retries, None)
+
+    async def _call(self, data: bytes, retries: int, sent: _Sent | None) -> Any:
+        """:meth:`call` of one packed command, perhaps ``sent`` already."""
+        (reply,) = await self._execute(data, 1, retries, sent)
         if isinstance(reply, ReplyError):
             raise reply
         return reply
@@ -431,8 +454,27 @@ class RedisPipe:
         ``NOSCRIPT`` means the script did not run at all, so sending it again is always safe.
         """
         command = ("EVALSHA", sha, len(keys), *keys, *args)
+        return await self._evalsha(command, pack([command]), source, retries, None)
+
+    def evalsha_now(
+        self, sha: str, source: str, keys: Sequence[Arg], args: Sequence[Arg], *, retries: int = 0
+    ) -> Coroutine[Any, Any, Any]:
+        """:meth:`evalsha`, its command written before this returns when the connection is up
+        (the awaitable returned gives the reply).
+
+        For a command that must not be overtaken by what the rest of this turn of the event loop
+        writes: a fetch wrapped in a task for its cancellation would otherwise go out one turn
+        later, behind the result writes queued meanwhile, and the server would run them first.
+        """
+        command = ("EVALSHA", sha, len(keys), *keys, *args)
+        data = pack([command])
+        return self._evalsha(command, data, source, retries, self._send_now(data, 1))
+
+    async def _evalsha(
+        self, command: Command, data: bytes, source: str, retries: int, sent: _Sent | None
+    ) -> Any:
         try:
-            return await self.call(*command, retries=retries)
+            return await self._call(data, retries, sent)
         except ReplyError as exc:
             if exc.code != "NOSCRIPT":
                 raise
@@ -460,9 +502,7 @@ class RedisPipe:
     async def _ready(self) -> _Protocol:
         protocol = self._protocol
         if protocol is not None and protocol.lost is None:
-            if self._health_interval and (
-                time.monotonic() - protocol.last_reply > self._health_interval
-            ):
+            if self._check_due(protocol):
                 # Idle for a while: make sure the socket still leads to the server before a
                 # command that must not be sent twice goes down it.
                 try:
@@ -472,6 +512,12 @@ class RedisPipe:
                     return await self._reconnect()
             return protocol
         return await self._reconnect()
+
+    def _check_due(self, protocol: _Protocol) -> bool:
+        """Whether the connection has been idle long enough to be checked before use."""
+        return bool(self._health_interval) and (
+            time.monotonic() - protocol.last_reply > self._health_interval
+        )
 
     async def _reconnect(self) -> _Protocol:
         if self._closed:

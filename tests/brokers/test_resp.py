@@ -169,6 +169,54 @@ def test_evalsha_loads_a_script_the_server_does_not_know(url: str) -> None:
     asyncio.run(main())
 
 
+def test_evalsha_now_writes_its_command_before_it_is_awaited(url: str) -> None:
+    """What a fetch relies on to go out ahead of the writes queued later in the same turn."""
+    import redis
+
+    key, token = unique("resp"), unique("script")
+    source = f"redis.call('SET', ARGV[1], 'ran') return '{token}'"
+    sha = __import__("hashlib").sha1(source.encode()).hexdigest()
+    watcher = redis.Redis.from_url(url)
+
+    async def main() -> None:
+        pipe = pipe_for(url)
+        try:
+            await pipe.call("SCRIPT", "LOAD", source)
+            reply = pipe.evalsha_now(sha, source, (), (key,))
+            # No await, so the loop has not run: the server can only have the command if it was
+            # written by evalsha_now itself.
+            deadline = time.monotonic() + 5
+            while watcher.get(key) is None:
+                assert time.monotonic() < deadline, "the script was not sent"
+                time.sleep(0.001)
+            assert await reply == token.encode()
+        finally:
+            pipe.close()
+            watcher.delete(key)
+            watcher.close()
+
+    asyncio.run(main())
+
+
+def test_evalsha_now_on_a_pipe_not_connected_yet_connects_and_loads_when_awaited(
+    url: str,
+) -> None:
+    source = f"return '{unique('script')}'"  # unknown to the server: NOSCRIPT, then loaded
+    sha = __import__("hashlib").sha1(source.encode()).hexdigest()
+
+    async def main() -> None:
+        pipe = pipe_for(url)
+        try:
+            assert not pipe.connected
+            reply = pipe.evalsha_now(sha, source, (), ())
+            assert not pipe.connected  # nothing could be written: it waits for the await
+            assert await reply == source[8:-1].encode()
+        finally:
+            pipe.close()
+
+    asyncio.run(main())
+
+
 def test_the_connection_is_made_again_after_the_server_closed_it(url: str) -> None:
     name = unique("resp")
     import redis
