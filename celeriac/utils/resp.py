@@ -263,8 +263,9 @@ class _Protocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though not always an asyncio.Transport instance: uvloop's (the
+        # loop of uvicorn and other ASGI servers when installed) only has its methods.
+        self.transport = cast(asyncio.Transport, transport)
         self.last_reply = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
