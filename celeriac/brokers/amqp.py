@@ -405,6 +405,7 @@ class AMQPBroker(Broker):
         #: Queues consumed (wire name → caller's name), resumed after a reconnect.
         self._consuming: dict[str, str] = {}
         self._prefetch: int | None = self.settings.prefetch_count
+        self.prefetch_fixed_by_first_fetch = self._prefetch is None
         self._wants_delay = False
         self._wants_dead_letter = False
         #: Exchange types this transport declared: wire name → type.

@@ -110,6 +110,10 @@ class Broker(abc.ABC):
 
     #: Whether :meth:`dead_letters` can list what :meth:`reject` dead-lettered.
     keeps_dead_letters: bool = False
+    #: Whether the prefetch of the consumers is fixed by the first fetch's ``max_messages`` (AMQP's
+    #: ``basic.qos`` when no ``prefetch_count`` is given): a worker's first fetch then asks for
+    #: the biggest budget it may need. False where every fetch takes what it asks for.
+    prefetch_fixed_by_first_fetch: bool = False
     #: Whether a higher priority is served first (AMQP and celeriac's own transports). False on
     #: Redis, where kombu serves priority 0 first: a fleet mixing Celery and celeriac must agree.
     higher_priority_first: bool = True

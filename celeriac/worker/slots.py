@@ -26,9 +26,13 @@ tasks and the async limit for ``async def`` tasks. An app without async tasks th
 it does not use. With both kinds, which task comes next is known only once its message is decoded,
 so the budget follows what runs (:meth:`QueueGroup.budget`): the pool's share while only sync
 tasks run, the async share while only async tasks run, both while both do. A backlog of sync tasks
-is then held as Celery holds it (after the first fetch, which asks for the bigger share), and a
-flood of async tasks is fetched in batches sized for its own limit, whatever the other kind's idle
-slots.
+is then held as Celery holds it, from the first fetch on (a worker starting on a backlog of long
+sync tasks does not take the async share of it away from other workers), and a flood of async
+tasks is fetched in batches sized for its own limit, whatever the other kind's idle slots: when a
+fetch of the pool's share brings async tasks while none runs, the rest of their budget is fetched
+before any of them starts (:meth:`QueueGroup.expects_async`). Only on a transport that fixes its
+consumers' prefetch by the first fetch (AMQP's ``basic.qos``) does the first fetch ask for the
+bigger share (:attr:`QueueGroup.bigger_first`).
 
 **Pool size.** The threads pool gets a thread for every sync slot: ``-c`` for the default group
 plus each queue's own ``N`` (threads are started only when a sync task needs one, so a queue of
@@ -52,7 +56,7 @@ and no round trip beyond the semaphore itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celeriac.exceptions import ImproperlyConfigured
@@ -136,9 +140,11 @@ class QueueGroup:
         "_fetched_once",
         "_rotation",
         "adaptive",
+        "async_coming",
         "async_share",
         "async_slots",
         "backlog",
+        "bigger_first",
         "finishing",
         "held",
         "idle",
@@ -189,6 +195,11 @@ class QueueGroup:
         #: Whether the last fetch got all it asked for: the queues have more.
         self.backlog = False
         self._fetched_once = False
+        #: Whether the first fetch asks for the bigger share (see :meth:`budget`): set by the
+        #: worker for a transport that fixes its consumers' prefetch by the first fetch.
+        self.bigger_first = False
+        #: Set by :meth:`expects_async` until the next fetch.
+        self.async_coming = False
         #: Set when room may have been freed (or to wake the consumer, e.g. to stop).
         self.room = asyncio.Event()
         #: Set while the group's consumer waits for room, so no fetch of its is under way.
@@ -214,15 +225,16 @@ class QueueGroup:
         many slots of the other kind sit idle; a queue that mixes both gets both budgets while
         both run.
 
-        The first fetch asks for the bigger of the two shares, as if that kind ran: a transport
-        may size its consumers by it (AMQP's ``basic.qos``, see :mod:`celeriac.brokers.amqp`),
-        and the budget of the kind that then runs alone is not left holding the other's share.
+        The first fetch asks for the pool's share like any fetch while nothing runs, unless
+        :attr:`bigger_first`: then for the bigger of the two shares, as if that kind ran, because
+        the transport sizes its consumers by it (AMQP's ``basic.qos``, see
+        :mod:`celeriac.brokers.amqp`) and the async share would never be fetched otherwise.
         """
         if not self.adaptive:
             return self.slots
-        if not self._fetched_once:
+        if self.bigger_first and not self._fetched_once:
             return max(self.sync_share, self.async_share)
-        if self.async_slots.unused():
+        if self.async_slots.unused() and not self.async_coming:
             return self.sync_share
         if self.sync_slots.unused():
             return self.async_share
@@ -262,6 +274,19 @@ class QueueGroup:
         self.waiting += count
         self.backlog = count >= asked
         self._fetched_once = True
+        self.async_coming = False
+
+    def expects_async(self, deliveries: Iterable[Any], is_async: Callable[[Any], bool]) -> bool:
+        """Whether ``deliveries``, just fetched while no async task runs, hold one: then the next
+        fetch may take the async share as if it ran (:attr:`async_coming`, for that fetch only).
+
+        So a flood of async tasks that starts with a fetch of the pool's share is fetched whole
+        before any of it starts, rather than its first few ahead of the rest.
+        """
+        if not self.adaptive or not self.async_slots.unused():
+            return False
+        self.async_coming = any(map(is_async, deliveries))
+        return self.async_coming
 
     def handed_over(self) -> None:
         """A task's result and ack went to the finisher: its room can be fetched for again."""

@@ -239,6 +239,8 @@ class Worker:
             self._remove_signals(loop)
             return 0
         self.broker = broker
+        for group in self.slots.groups:
+            group.bigger_first = broker.prefetch_fixed_by_first_fetch
         if not await self._connect("result store", backend.url, backend.connect):
             await broker.close()
             await backend.close()
@@ -417,10 +419,40 @@ class Worker:
                     logger.warning("Could not declare the queues again: %s", exc)
             backoff = 0.5
             group.fetched(len(deliveries), room)
-            for delivery in deliveries:
-                self._held[delivery.delivery_tag] = delivery
-                handler = asyncio.create_task(self._handle(delivery, group))
-                self._waiting[delivery.delivery_tag] = handler
+            more: list[Delivery] = []
+            try:
+                if group.expects_async(deliveries, self._runs_async):
+                    more = await self._fetch_async_share(group, order)
+            finally:  # (a shutdown during that fetch still hands these over)
+                for delivery in [*deliveries, *more]:
+                    self._held[delivery.delivery_tag] = delivery
+                    handler = asyncio.create_task(self._handle(delivery, group))
+                    self._waiting[delivery.delivery_tag] = handler
+
+    def _runs_async(self, delivery: Delivery) -> bool:
+        """Whether the message names an ``async def`` task of this app (protocol v2 headers; a
+        v1 message names its task in its body, and counts as sync here)."""
+        name = delivery.message.headers.get("task")
+        task = self.app.tasks.get(name) if isinstance(name, str) else None
+        return task is not None and task.is_async
+
+    async def _fetch_async_share(self, group: QueueGroup, order: list[str]) -> list[Delivery]:
+        """The rest of an async flood's budget, without waiting, before its first tasks start
+        (see :meth:`QueueGroup.expects_async`); nothing if that fetch fails (the next one is the
+        consumer's usual)."""
+        assert self.broker is not None
+        room = group.room_to_fetch()
+        if room <= 0:
+            group.async_coming = False
+            return []
+        try:
+            more = await self.broker.fetch(order, room, 0)
+        except CeleriacError as exc:
+            group.async_coming = False
+            logger.warning("Cannot fetch from the broker (%s); retrying.", exc)
+            return []
+        group.fetched(len(more), room)
+        return more
 
     async def _handle(self, delivery: Delivery, group: QueueGroup | None = None) -> None:
         tag = delivery.delivery_tag

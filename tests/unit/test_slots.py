@@ -237,13 +237,46 @@ def test_the_setting_and_the_argument() -> None:
     )
 
 
+def test_the_first_fetch_asks_for_the_bigger_share_where_it_fixes_the_prefetch() -> None:
+    """On a transport that sizes its consumers by the first fetch (AMQP's basic.qos), asking for
+    the pool's share first would keep an async flood to it for good."""
+    [group] = slots(make_app(), concurrency=2, async_concurrency=50).groups
+    group.bigger_first = True
+    assert (group.budget(), group.room_to_fetch()) == (50, 200)
+    group.fetched(0, 200)
+    assert (group.budget(), group.room_to_fetch()) == (2, 8)  # then it follows what runs
+
+
+def test_async_tasks_in_a_fetch_of_the_pools_share_let_the_next_fetch_take_theirs() -> None:
+    """A flood of async tasks met by a first fetch of the pool's share is fetched up to its own
+    budget before any of it starts (one fetch: the tasks' slots tell from then on)."""
+    [group] = slots(make_app(), concurrency=2, async_concurrency=50).groups
+    assert (group.budget(), group.room_to_fetch()) == (2, 8)
+    group.fetched(8, 8)
+    assert not group.expects_async(["sync"] * 8, lambda kind: kind == "async")
+    assert group.room_to_fetch() == 0
+    assert group.expects_async(["sync", "async"], lambda kind: kind == "async")
+    assert (group.budget(), group.room_to_fetch()) == (50, 192)
+    group.fetched(192, 192)
+    assert (group.budget(), group.room_to_fetch()) == (2, 0)
+
+    async def while_an_async_task_runs() -> bool:
+        async with group.slot(is_async=True):
+            return group.expects_async(["async"], lambda kind: kind == "async")
+
+    assert asyncio.run(while_an_async_task_runs()) is False  # its slot already says so
+    [only_sync] = slots(make_app("sync"), concurrency=2).groups
+    assert not only_sync.expects_async(["async"], lambda kind: True)  # no async share to take
+
+
 def test_with_both_kinds_the_prefetch_follows_what_runs() -> None:
     """Sync traffic is prefetched as Celery does, async traffic by its own limit, whatever the
     idle slots of the other kind."""
     [group] = slots(make_app(), concurrency=2, async_concurrency=50).groups
-    # The first fetch asks for the bigger share: a transport may size its consumers by it.
-    assert (group.budget(), group.room_to_fetch()) == (50, 200)
-    group.fetched(0, 200)
+    # The first fetch asks for the pool's share, as every fetch while nothing runs: a worker that
+    # starts on a backlog of sync tasks takes what Celery would.
+    assert (group.budget(), group.room_to_fetch()) == (2, 8)
+    group.fetched(0, 8)
 
     async def scenario() -> list[tuple[int, int]]:
         seen = [(group.budget(), group.room_to_fetch())]  # nothing runs: the pool's share
@@ -391,3 +424,40 @@ def test_a_queue_whose_slots_are_busy_does_not_hold_back_another(any_broker_app:
     last_many = max(t for label, t in finished if label == "many")
     ones_before = sum(1 for label, t in finished if label == "one" and t <= last_many)
     assert ones_before <= 3
+
+
+async def _waiting(app: Celery, queue: str) -> int:
+    broker = app.create_broker()
+    await broker.connect()
+    try:
+        return await broker.size(queue)
+    finally:
+        await broker.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "amqp"])
+def test_a_worker_starting_on_a_backlog_of_sync_tasks_takes_what_celery_would(
+    kind: str, tmp_path: Path
+) -> None:
+    """The app has an ``async def`` task too, so its async share (100 x 4) exists; a backlog of
+    long sync tasks is still taken ``-c`` x multiplier at a time from the first fetch on, and the
+    rest stays for other workers. Only on AMQP, whose ``basic.qos`` the first fetch fixes, does
+    the first fetch ask for the bigger share."""
+    app = embedded_app(kind, tmp_path)
+    block = app.tasks["block"]
+    queue = services.unique("backlog")
+    try:
+        results = [block.apply_async(("sync",), queue=queue) for _ in range(30)]
+        with start_worker(app, queues=[queue], concurrency=2) as worker:
+            [group] = worker.slots.groups
+            assert group.bigger_first is (kind == "amqp")
+            services.wait_until(lambda: running["sync"] == 2, what="both threads busy")
+            time.sleep(0.2)  # time for any further fetch
+            if kind != "amqp":  # (AMQP counts what it buffered as waiting)
+                assert asyncio.run(_waiting(app, queue)) == 30 - 2 * 4
+            release.set()
+            for result in results:
+                result.get(timeout=10)
+    finally:
+        release.set()
+        app.close()
