@@ -140,7 +140,6 @@ class QueueGroup:
         "_fetched_once",
         "_rotation",
         "adaptive",
-        "async_coming",
         "async_share",
         "async_slots",
         "backlog",
@@ -198,8 +197,6 @@ class QueueGroup:
         #: Whether the first fetch asks for the bigger share (see :meth:`budget`): set by the
         #: worker for a transport that fixes its consumers' prefetch by the first fetch.
         self.bigger_first = False
-        #: Set by :meth:`expects_async` until the next fetch.
-        self.async_coming = False
         #: Set when room may have been freed (or to wake the consumer, e.g. to stop).
         self.room = asyncio.Event()
         #: Set while the group's consumer waits for room, so no fetch of its is under way.
@@ -215,8 +212,8 @@ class QueueGroup:
             self.room.set()
         return slot
 
-    def budget(self) -> int:
-        """The slots the prefetch covers now.
+    def budget(self, assume_async: bool = False) -> int:
+        """The slots the prefetch covers now (``assume_async``: as if an async task ran).
 
         All of them, except in the default group of an app with both kinds of task: there, the
         pool's slots while sync tasks run, the async slots while ``async def`` tasks run, both
@@ -234,14 +231,15 @@ class QueueGroup:
             return self.slots
         if self.bigger_first and not self._fetched_once:
             return max(self.sync_share, self.async_share)
-        if self.async_slots.unused() and not self.async_coming:
+        if self.async_slots.unused() and not assume_async:
             return self.sync_share
         if self.sync_slots.unused():
             return self.async_share
         return self.slots
 
-    def room_to_fetch(self) -> int:
-        """How many messages to fetch now; 0 to wait for more room.
+    def room_to_fetch(self, assume_async: bool = False) -> int:
+        """How many messages to fetch now; 0 to wait for more room (``assume_async``: see
+        :meth:`budget`).
 
         The prefetch (:meth:`budget` x ``worker_prefetch_multiplier``) counts the messages of
         tasks not finished yet: waiting for a slot or running. A task that is done, whose result
@@ -251,7 +249,7 @@ class QueueGroup:
         either. And while the queues have a backlog (the last fetch was full) and a slot's worth
         of messages waits, the fetch waits until half the prefetch is free: fewer, bigger fetches.
         """
-        slots = self.budget()
+        slots = self.budget(assume_async)
         prefetch = slots * self.multiplier
         room = prefetch - self.held + min(self.finishing, prefetch)
         if self.backlog and room < max(prefetch // 2, 1) and self.waiting >= slots:
@@ -274,19 +272,17 @@ class QueueGroup:
         self.waiting += count
         self.backlog = count >= asked
         self._fetched_once = True
-        self.async_coming = False
 
     def expects_async(self, deliveries: Iterable[Any], is_async: Callable[[Any], bool]) -> bool:
-        """Whether ``deliveries``, just fetched while no async task runs, hold one: then the next
-        fetch may take the async share as if it ran (:attr:`async_coming`, for that fetch only).
+        """Whether ``deliveries``, just fetched while no async task runs, hold one: then the
+        consumer fetches at once what :meth:`room_to_fetch` gives with ``assume_async``.
 
         So a flood of async tasks that starts with a fetch of the pool's share is fetched whole
         before any of it starts, rather than its first few ahead of the rest.
         """
         if not self.adaptive or not self.async_slots.unused():
             return False
-        self.async_coming = any(map(is_async, deliveries))
-        return self.async_coming
+        return any(map(is_async, deliveries))
 
     def handed_over(self) -> None:
         """A task's result and ack went to the finisher: its room can be fetched for again."""

@@ -441,14 +441,12 @@ class Worker:
         (see :meth:`QueueGroup.expects_async`); nothing if that fetch fails (the next one is the
         consumer's usual)."""
         assert self.broker is not None
-        room = group.room_to_fetch()
+        room = group.room_to_fetch(assume_async=True)
         if room <= 0:
-            group.async_coming = False
             return []
         try:
             more = await self.broker.fetch(order, room, 0)
         except CeleriacError as exc:
-            group.async_coming = False
             logger.warning("Cannot fetch from the broker (%s); retrying.", exc)
             return []
         group.fetched(len(more), room)
