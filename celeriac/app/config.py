@@ -282,6 +282,12 @@ class _SettingsFields:
     worker_prefetch_multiplier: int = _doc(
         "Messages leased per concurrency slot (Celery's meaning).", 4
     )
+    worker_prefetch_ahead: bool = _doc(
+        "While the queues have a backlog and tasks take well under a millisecond, fetch the next "
+        "batch while the current one runs: at most one more prefetch, held a few milliseconds. "
+        "False: never hold more than the prefetch (docs/worker.md, 'Prefetch').",
+        True,
+    )
     worker_concurrency: int | None = _doc(
         "Tasks run at once by one worker. None: the number of CPUs.", None
     )
@@ -354,6 +360,7 @@ _VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
     "result_persistent": _bool,
     "result_extended": _bool,
     "worker_prefetch_multiplier": lambda v, n: _optional_int(v, n, minimum=1),
+    "worker_prefetch_ahead": _bool,
     "worker_concurrency": lambda v, n: _optional_int(v, n, minimum=1),
     "worker_async_concurrency": lambda v, n: _optional_int(v, n, minimum=1),
     "worker_max_tasks_per_child": lambda v, n: _optional_int(v, n, minimum=1),

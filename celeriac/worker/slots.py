@@ -34,6 +34,20 @@ before any of them starts (:meth:`QueueGroup.expects_async`). Only on a transpor
 consumers' prefetch by the first fetch (AMQP's ``basic.qos``) does the first fetch ask for the
 bigger share (:attr:`QueueGroup.bigger_first`).
 
+**Fetching ahead.** The prefetch is a count, which is what bounds the wait of the messages a
+worker holds as long as tasks take a while. For short tasks the count bounds little: eight no-op
+tasks are done in well under a millisecond, and a worker that fetches the next eight only once
+those are done spends its time waiting for the broker's reply instead of working. So while a
+group's queues have a backlog (its last fetch was full) and its tasks are short — their run time
+averages at most :data:`AHEAD_HORIZON` per slot's share of the prefetch, and one ended within that
+time — the group may hold one more prefetch's worth: the next batch is fetched while the current
+one runs. Those messages would all have started within a few milliseconds anyway. As soon as tasks
+take longer, or none has ended for that long (every slot busy with a long one), the count is
+Celery's again; what was fetched ahead then waits like any prefetched message, at most one
+prefetch more than Celery would hold. Off with ``worker_prefetch_ahead = False``, and on a
+transport whose broker pushes within a fixed prefetch (AMQP's ``basic.qos``), where asking beyond
+it would bring nothing.
+
 **Pool size.** The threads pool gets a thread for every sync slot: ``-c`` for the default group
 plus each queue's own ``N`` (threads are started only when a sync task needs one, so a queue of
 async tasks costs none). A ``prefork`` pool starts its children up front, so it keeps ``-c``
@@ -56,6 +70,7 @@ and no round trip beyond the semaphore itself.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +85,14 @@ DEFAULT_ASYNC_CONCURRENCY = 100
 #: The size of a sync slot that only counts, its pool keeping the limit (never reached: a group
 #: holds at most its prefetch).
 _COUNT_ONLY = 1 << 30
+
+#: How much work a batch fetched ahead may stand for: the average run time of the group's tasks
+#: times the prefetch multiplier (one slot's share of the batch), and how recently a task must have
+#: ended (see "Fetching ahead" in the module docstring).
+AHEAD_HORIZON = 0.005
+
+#: Weight of the newest run time in the group's moving average of them.
+_RUNTIME_WEIGHT = 0.125
 
 
 def parse_queues(text: str) -> tuple[list[str], dict[str, int]]:
@@ -138,8 +161,10 @@ class QueueGroup:
 
     __slots__ = (
         "_fetched_once",
+        "_last_ended",
         "_rotation",
         "adaptive",
+        "ahead",
         "async_share",
         "async_slots",
         "backlog",
@@ -153,6 +178,7 @@ class QueueGroup:
         "prefetch",
         "queues",
         "room",
+        "runtime",
         "slots",
         "sync_share",
         "sync_slots",
@@ -197,6 +223,13 @@ class QueueGroup:
         #: Whether the first fetch asks for the bigger share (see :meth:`budget`): set by the
         #: worker for a transport that fixes its consumers' prefetch by the first fetch.
         self.bigger_first = False
+        #: Whether the group may fetch ahead while its tasks are short (see "Fetching ahead" in the
+        #: module docstring): set by the worker from ``worker_prefetch_ahead`` and its transport.
+        self.ahead = False
+        #: Moving average of the run times of the group's tasks (None until one has ended), and
+        #: when the last one ended (``time.monotonic()``).
+        self.runtime: float | None = None
+        self._last_ended = 0.0
         #: Set when room may have been freed (or to wake the consumer, e.g. to stop).
         self.room = asyncio.Event()
         #: Set while the group's consumer waits for room, so no fetch of its is under way.
@@ -248,13 +281,35 @@ class QueueGroup:
         last ones are finished; Celery, which acks a finished task at once, does not count it
         either. And while the queues have a backlog (the last fetch was full) and a slot's worth
         of messages waits, the fetch waits until half the prefetch is free: fewer, bigger fetches.
+        While tasks are short, one more prefetch's worth may be held (see "Fetching ahead" in the
+        module docstring).
         """
         slots = self.budget(assume_async)
         prefetch = slots * self.multiplier
         room = prefetch - self.held + min(self.finishing, prefetch)
+        if self.backlog and not assume_async and self._short_tasks():
+            room += prefetch  # one batch ahead (see "Fetching ahead" in the module docstring)
         if self.backlog and room < max(prefetch // 2, 1) and self.waiting >= slots:
             return 0
         return room
+
+    def ran(self, runtime: float) -> None:
+        """A task of the group ended after running ``runtime`` seconds."""
+        average = self.runtime
+        self.runtime = (
+            runtime if average is None else average + (runtime - average) * _RUNTIME_WEIGHT
+        )
+        self._last_ended = time.monotonic()
+
+    def _short_tasks(self) -> bool:
+        """Whether the group may fetch ahead now: on, its tasks short, and one ended lately."""
+        average = self.runtime
+        return (
+            self.ahead
+            and average is not None
+            and average * self.multiplier <= AHEAD_HORIZON
+            and time.monotonic() - self._last_ended <= AHEAD_HORIZON
+        )
 
     def fetch_order(self) -> list[str]:
         """The group's queues, rotated by one at each fetch so a busy first queue cannot starve

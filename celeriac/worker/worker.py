@@ -239,8 +239,10 @@ class Worker:
             self._remove_signals(loop)
             return 0
         self.broker = broker
+        ahead = self.app.conf.worker_prefetch_ahead and broker.fetches_beyond_prefetch
         for group in self.slots.groups:
             group.bigger_first = broker.prefetch_fixed_by_first_fetch
+            group.ahead = ahead
         if not await self._connect("result store", backend.url, backend.connect):
             await broker.close()
             await backend.close()
@@ -491,7 +493,7 @@ class Worker:
                 self._running[tag] = asyncio.current_task()  # type: ignore[assignment]
                 self._running_requests[tag] = outcome
                 try:
-                    meta, ack = await self._execute(outcome)
+                    meta, ack = await self._execute(outcome, group)
                 except JobWithdrawn:
                     await self._not_started(outcome)
                     return
@@ -833,7 +835,9 @@ class Worker:
 
     # -- running and finishing ---------------------------------------------------------------------
 
-    async def _execute(self, request: Request) -> tuple[dict[str, Any] | None, Delivery | None]:
+    async def _execute(
+        self, request: Request, group: QueueGroup
+    ) -> tuple[dict[str, Any] | None, Delivery | None]:
         """Run the task; the result document to store and the delivery to ack afterwards."""
         assert self.broker is not None and self.pool is not None and self.finisher is not None
         task = request.task
@@ -870,6 +874,7 @@ class Worker:
         # The body ended: from now on a revoke has nothing to terminate (its outcome stands).
         self._running_requests.pop(request.delivery.delivery_tag, None)
         self.processed += 1
+        group.ran(outcome.runtime)
         if outcome.worker_lost:
             if acks_late and task.resolved_reject_on_worker_lost():
                 await self._requeue_lost(request, outcome)

@@ -25,7 +25,14 @@ from celeriac.cli.main import main
 from celeriac.contrib.testing import start_worker
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.worker import Worker
-from celeriac.worker.slots import DEFAULT_ASYNC_CONCURRENCY, Slots, parse_queues
+from celeriac.worker import slots as slots_module
+from celeriac.worker.slots import (
+    AHEAD_HORIZON,
+    DEFAULT_ASYNC_CONCURRENCY,
+    QueueGroup,
+    Slots,
+    parse_queues,
+)
 from tests import services
 
 
@@ -269,6 +276,44 @@ def test_async_tasks_in_a_fetch_of_the_pools_share_let_the_next_fetch_take_their
     assert not only_sync.expects_async(["async"], lambda kind: True)  # no async share to take
 
 
+def test_short_tasks_are_fetched_one_batch_ahead_while_the_queues_have_a_backlog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One more prefetch's worth, only while the last fetch was full, tasks have been short and
+    one ended lately; Celery's count otherwise."""
+    clock = [100.0]
+    monkeypatch.setattr(slots_module.time, "monotonic", lambda: clock[0])
+    [group] = slots(make_app("sync"), concurrency=2).groups
+    group.ahead = True
+    group.fetched(8, 8)  # a full fetch: the queues have more
+    assert group.room_to_fetch() == 0  # no task has ended yet: nothing known of their length
+    group.ran(0.0002)
+    assert group.room_to_fetch() == 8  # 8 held, 8 more ahead
+    group.fetched(8, 8)
+    assert group.room_to_fetch() == 0  # never past twice the prefetch
+    clock[0] += slots_module.AHEAD_HORIZON * 2
+    group.held = 8
+    assert (
+        group.room_to_fetch() == 0
+    )  # nothing ended lately: every slot may be busy with a long one
+    group.ran(0.0002)
+    assert group.room_to_fetch() == 8
+    group.fetched(2, 8)  # the queues ran dry
+    group.held = 8
+    assert group.room_to_fetch() == 0
+    group.fetched(8, 8)
+    group.held = 8
+    for _ in range(5):
+        group.ran(0.05)  # tasks got long: the average follows within a few
+    assert group.runtime is not None and group.runtime * group.multiplier > AHEAD_HORIZON
+    assert group.room_to_fetch() == 0
+    group.runtime, group.ahead = 0.0001, False  # worker_prefetch_ahead = False
+    assert group.room_to_fetch() == 0
+    group.ahead = True
+    assert group.room_to_fetch() == 8
+    assert group.room_to_fetch(assume_async=True) == 0  # an async flood's own fetch is exact
+
+
 def test_with_both_kinds_the_prefetch_follows_what_runs() -> None:
     """Sync traffic is prefetched as Celery does, async traffic by its own limit, whatever the
     idle slots of the other kind."""
@@ -359,6 +404,10 @@ def embedded_app(kind: str, tmp_path: Path) -> Celery:
             await asyncio.sleep(seconds)
         finally:
             _leave(label)
+
+    @app.task(name="noop")
+    def noop() -> None:
+        pass
 
     @app.task(name="block")
     def block(label: str) -> None:
@@ -460,4 +509,44 @@ def test_a_worker_starting_on_a_backlog_of_sync_tasks_takes_what_celery_would(
                 result.get(timeout=10)
     finally:
         release.set()
+        app.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "ahead"),
+    [("memory", True), ("memory", False), ("sqlite", True), ("redis", True), ("amqp", True)],
+)
+def test_a_backlog_of_short_tasks_is_fetched_one_batch_ahead(
+    kind: str, ahead: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No-op tasks: the messages held and not finished go past Celery's ``-c`` x multiplier (8)
+    while the backlog lasts, and never past twice that; with ``worker_prefetch_ahead = False``,
+    never past it. Not on AMQP, whose broker pushes within its ``basic.qos``."""
+    held: list[int] = []
+    fetched = QueueGroup.fetched
+
+    def recording(group: QueueGroup, count: int, asked: int) -> None:
+        fetched(group, count, asked)
+        held.append(group.held - group.finishing)
+
+    monkeypatch.setattr(QueueGroup, "fetched", recording)
+    app = embedded_app(kind, tmp_path)
+    app.conf.worker_prefetch_ahead = ahead
+    noop = app.tasks["noop"]
+    queue = services.unique("ahead")
+    try:
+        results = [noop.apply_async(queue=queue) for _ in range(400)]
+        with start_worker(app, queues=[queue], concurrency=2) as worker:
+            [group] = worker.slots.groups
+            assert group.ahead is (ahead and kind != "amqp")
+            for result in results:
+                result.get(timeout=20)
+        if kind == "amqp":
+            return  # (its first fetch asks for the async share, which basic.qos then fixes)
+        assert max(held) <= 16
+        if group.ahead:
+            assert max(held) > 8, held
+        else:
+            assert max(held) <= 8, held
+    finally:
         app.close()
