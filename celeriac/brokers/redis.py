@@ -109,9 +109,9 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 from celeriac.brokers import _common, _routing
 from celeriac.brokers import _redis_scripts as scripts
@@ -449,17 +449,6 @@ class RedisBroker(Broker):
             return await pipe.evalsha(
                 script.sha, script.script, (), args, retries=1 if idempotent else 0
             )
-
-    def _script_now(self, name: str, args: list[Any]) -> Coroutine[Any, Any, Any]:
-        """:meth:`_script` (not idempotent), its command written before this returns when the
-        connection is up: see :meth:`RedisPipe.evalsha_now`. Await the coroutine for the reply."""
-        pipe = self._connected_pipe()
-        script = self._scripts[name]
-        return self._translated(pipe.evalsha_now(script.sha, script.script, (), args))
-
-    async def _translated(self, reply: Awaitable[Any]) -> Any:
-        with self._errors():
-            return await reply
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -836,18 +825,49 @@ class RedisBroker(Broker):
         client = self._connected()
         if time.monotonic() - self._clock_measured > _CLOCK_REFRESH:
             await self._measure_clock(client)
-        call = asyncio.ensure_future(
-            self._script_now("claim", self._claim_args(names, limit - len(taken)))
-        )
-        try:
-            reply = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            # The script may still run and lease: give back what it took as soon as it replies,
-            # rather than leaving it invisible until the leases run out.
-            call.add_done_callback(lambda done: self._release_cancelled(done, names))
-            raise
+        args = self._claim_args(names, limit - len(taken))
+        reply = await self._claim_now(names, args)
+        if reply is None:
+            call = asyncio.ensure_future(self._script("claim", args))
+            try:
+                reply = cast("list[Any]", await asyncio.shield(call))
+            except asyncio.CancelledError:
+                # The script may still run and lease: give back what it took as soon as it
+                # replies, rather than leaving it invisible until the leases run out.
+                call.add_done_callback(lambda done: self._release_cancelled(done, names))
+                raise
         deliveries, next_due = await self._claimed(reply, names)
         return taken + deliveries, next_due
+
+    async def _claim_now(self, names: tuple[str, ...], args: list[Any]) -> list[Any] | None:
+        """The fetch script's reply, its command written at once and its reply awaited with
+        nothing in between (see :meth:`RedisPipe.send_now`); None where the script must go the
+        usual way: the connection cannot take it at once, or the server does not know it.
+
+        At once, so that it goes out ahead of the result writes queued later in the same turn of
+        the loop, which the server would otherwise run first. If the fetch is cancelled while it
+        waits, what the script leased is given back when its reply comes.
+        """
+        script = self._scripts["claim"]
+        future = self._connected_pipe().send_now(
+            ("EVALSHA", script.sha, 0, *args),
+            orphan=lambda replies: self._release_leased(replies[0], names),
+        )
+        if future is None:
+            return None
+        with self._errors():
+            try:
+                (reply,) = await future
+            except asyncio.CancelledError:
+                if not future.cancelled() and future.exception() is None:
+                    # Its reply came, but the cancellation came first: give back what it leased.
+                    self._release_leased(future.result()[0], names)
+                raise
+            if isinstance(reply, ReplyError):
+                if reply.code == "NOSCRIPT":  # it did not run: the usual way loads it first
+                    return None
+                raise reply
+        return cast("list[Any]", reply)
 
     async def _wait_and_claim(
         self, names: tuple[str, ...], limit: int, key: str, wait: float, waiter: Waiter
@@ -1035,8 +1055,11 @@ class RedisBroker(Broker):
         if call.cancelled() or call.exception() is not None:
             return
         result = call.result()
-        reply = result[0] if isinstance(result, tuple) else result
-        if not reply:
+        self._release_leased(result[0] if isinstance(result, tuple) else result, names)
+
+    def _release_leased(self, reply: Any, names: tuple[str, ...]) -> None:
+        """Give back, uncounted, what a fetch script's ``reply`` leased (its fetch was cancelled)."""
+        if not reply or isinstance(reply, ReplyError):
             return
         leases = [
             _Lease(_text(reply[at + 1]), names[int(reply[at]) - 1])

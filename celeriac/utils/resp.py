@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ __all__ = [
     "RespError",
     "pack",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: A command argument; ``str`` is sent as UTF-8, numbers as their decimal text.
 Arg = bytes | str | int | float
@@ -238,13 +241,20 @@ def new_reader() -> _Reader:
 # -- the connection ----------------------------------------------------------------------------
 
 
-class _Batch:
-    __slots__ = ("future", "left", "replies")
+#: Told the replies of a batch whose caller stopped waiting (its future was cancelled).
+Orphan = Callable[[list[Any]], None]
 
-    def __init__(self, count: int, future: asyncio.Future[list[Any]]) -> None:
+
+class _Batch:
+    __slots__ = ("future", "left", "orphan", "replies")
+
+    def __init__(
+        self, count: int, future: asyncio.Future[list[Any]], orphan: Orphan | None = None
+    ) -> None:
         self.left = count
         self.replies: list[Any] = []
         self.future = future
+        self.orphan = orphan
 
 
 class _Protocol(asyncio.Protocol):
@@ -282,8 +292,10 @@ class _Protocol(asyncio.Protocol):
                     batch.replies.append(reply)
                     batch.left -= 1
                 pending.popleft()
-                if not batch.future.done():  # its caller may have been cancelled
+                if not batch.future.done():
                     batch.future.set_result(batch.replies)
+                elif batch.orphan is not None:  # its caller was cancelled
+                    _tell_orphan(batch.orphan, batch.replies)
             if reader.gets() is not False:
                 raise ProtocolError("the server sent a reply nobody asked for")
         except ProtocolError as exc:
@@ -304,15 +316,23 @@ class _Protocol(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
 
-    def send(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
-        """Write ``data`` (``count`` commands); the future of their replies."""
+    def send(
+        self, data: bytes, count: int, orphan: Orphan | None = None
+    ) -> asyncio.Future[list[Any]]:
+        """Write ``data`` (``count`` commands); the future of their replies (``orphan``: see
+        :meth:`RedisPipe.send_now`)."""
         future: asyncio.Future[list[Any]] = self._loop.create_future()
         if self.lost is not None or self.transport is None:
             future.set_exception(self.lost or ConnectionLost("not connected"))
             return future
-        self.pending.append(_Batch(count, future))
+        self.pending.append(_Batch(count, future, orphan))
         self.transport.write(data)
         return future
+
+    @property
+    def paused(self) -> bool:
+        """Whether the kernel's send buffer is full (writes wait for :meth:`drained`)."""
+        return self._paused
 
     async def drained(self) -> None:
         """Wait while the kernel's send buffer is full (a very large batch)."""
@@ -366,8 +386,11 @@ def ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
     return context
 
 
-#: Commands written already: the connection, and the future of their replies.
-_Sent = tuple[_Protocol, "asyncio.Future[list[Any]]"]
+def _tell_orphan(orphan: Orphan, replies: list[Any]) -> None:
+    try:
+        orphan(replies)
+    except Exception:  # the caller's bug must not break the connection for the others
+        logger.exception("error handling the replies of a cancelled command")
 
 
 class RedisPipe:
@@ -398,27 +421,39 @@ class RedisPipe:
         ``retries``: how many times to send them again on a fresh connection if the connection
         is lost — only for commands with the same effect however often they run.
         """
-        return await self._execute(pack(commands), len(commands), retries, None)
+        return await self._execute(pack(commands), len(commands), retries)
 
-    def _send_now(self, data: bytes, count: int) -> _Sent | None:
-        """Write ``data`` at once if the connection is up and due no health check; else None."""
+    def send_now(
+        self, command: Command, *, orphan: Orphan | None = None
+    ) -> asyncio.Future[list[Any]] | None:
+        """Write one command at once; the future of its replies (a list of one: an error reply is
+        a :class:`ReplyError` in it; a lost connection, :class:`ConnectionLost` raised). None
+        when it cannot go out at once: no connection yet, an idle one due its health check, a
+        ``socket_timeout`` to enforce, a full send buffer; :meth:`call` does all that.
+
+        For a hot path that awaits the future itself, with no task or coroutine in between. A
+        caller cancelled while it waits cancels the future; the replies then go to ``orphan``
+        when they come, so that it can undo what the command did (a fetch gives back what it
+        leased). Never retried: the command may have run.
+        """
         protocol = self._protocol
-        if protocol is None or protocol.lost is not None or self._check_due(protocol):
+        if (
+            protocol is None
+            or protocol.lost is not None
+            or protocol.paused
+            or self._timeout is not None
+            or self._check_due(protocol)
+        ):
             return None
-        return protocol, protocol.send(data, count)
+        return protocol.send(pack([command]), 1, orphan)
 
-    async def _execute(
-        self, data: bytes, count: int, retries: int, sent: _Sent | None
-    ) -> list[Any]:
-        """:meth:`execute` of packed commands, perhaps ``sent`` already."""
+    async def _execute(self, data: bytes, count: int, retries: int) -> list[Any]:
+        """:meth:`execute` of packed commands."""
         attempt = 0
         while True:
             try:
-                if sent is None:
-                    protocol = await self._ready()
-                    future = protocol.send(data, count)
-                else:
-                    (protocol, future), sent = sent, None
+                protocol = await self._ready()
+                future = protocol.send(data, count)
                 await protocol.drained()
                 if self._timeout is None:
                     return await future
@@ -438,11 +473,11 @@ class RedisPipe:
 
     async def call(self, *command: Arg, retries: int = 0) -> Any:
         """One command's reply; an error reply is raised as :class:`ReplyError`."""
-        return await self._call(pack([command]), retries, None)
+        return await self._call(pack([command]), retries)
 
-    async def _call(self, data: bytes, retries: int, sent: _Sent | None) -> Any:
-        """:meth:`call` of one packed command, perhaps ``sent`` already."""
-        (reply,) = await self._execute(data, 1, retries, sent)
+    async def _call(self, data: bytes, retries: int) -> Any:
+        """:meth:`call` of one packed command."""
+        (reply,) = await self._execute(data, 1, retries)
         if isinstance(reply, ReplyError):
             raise reply
         return reply
@@ -455,27 +490,11 @@ class RedisPipe:
         ``NOSCRIPT`` means the script did not run at all, so sending it again is always safe.
         """
         command = ("EVALSHA", sha, len(keys), *keys, *args)
-        return await self._evalsha(command, pack([command]), source, retries, None)
+        return await self._evalsha(command, pack([command]), source, retries)
 
-    def evalsha_now(
-        self, sha: str, source: str, keys: Sequence[Arg], args: Sequence[Arg], *, retries: int = 0
-    ) -> Coroutine[Any, Any, Any]:
-        """:meth:`evalsha`, its command written before this returns when the connection is up
-        (the awaitable returned gives the reply).
-
-        For a command that must not be overtaken by what the rest of this turn of the event loop
-        writes: a fetch wrapped in a task for its cancellation would otherwise go out one turn
-        later, behind the result writes queued meanwhile, and the server would run them first.
-        """
-        command = ("EVALSHA", sha, len(keys), *keys, *args)
-        data = pack([command])
-        return self._evalsha(command, data, source, retries, self._send_now(data, 1))
-
-    async def _evalsha(
-        self, command: Command, data: bytes, source: str, retries: int, sent: _Sent | None
-    ) -> Any:
+    async def _evalsha(self, command: Command, data: bytes, source: str, retries: int) -> Any:
         try:
-            return await self._call(data, retries, sent)
+            return await self._call(data, retries)
         except ReplyError as exc:
             if exc.code != "NOSCRIPT":
                 raise

@@ -169,7 +169,7 @@ def test_evalsha_loads_a_script_the_server_does_not_know(url: str) -> None:
     asyncio.run(main())
 
 
-def test_evalsha_now_writes_its_command_before_it_is_awaited(url: str) -> None:
+def test_send_now_writes_its_command_before_it_is_awaited(url: str) -> None:
     """What a fetch relies on to go out ahead of the writes queued later in the same turn."""
     import redis
 
@@ -182,14 +182,17 @@ def test_evalsha_now_writes_its_command_before_it_is_awaited(url: str) -> None:
         pipe = pipe_for(url)
         try:
             await pipe.call("SCRIPT", "LOAD", source)
-            reply = pipe.evalsha_now(sha, source, (), (key,))
+            future = pipe.send_now(("EVALSHA", sha, 0, key))
+            assert future is not None
             # No await, so the loop has not run: the server can only have the command if it was
-            # written by evalsha_now itself.
+            # written by send_now itself.
             deadline = time.monotonic() + 5
             while watcher.get(key) is None:
                 assert time.monotonic() < deadline, "the script was not sent"
                 time.sleep(0.001)
-            assert await reply == token.encode()
+            assert await future == [token.encode()]
+            [error] = await pipe.send_now(("EVALSHA", "0" * 40, 0))  # type: ignore[misc]
+            assert isinstance(error, ReplyError) and error.code == "NOSCRIPT"  # a value, not raised
         finally:
             pipe.close()
             watcher.delete(key)
@@ -198,20 +201,53 @@ def test_evalsha_now_writes_its_command_before_it_is_awaited(url: str) -> None:
     asyncio.run(main())
 
 
-def test_evalsha_now_on_a_pipe_not_connected_yet_connects_and_loads_when_awaited(
-    url: str,
-) -> None:
-    source = f"return '{unique('script')}'"  # unknown to the server: NOSCRIPT, then loaded
-    sha = __import__("hashlib").sha1(source.encode()).hexdigest()
+def test_send_now_declines_what_cannot_go_out_at_once(url: str) -> None:
+    """No connection yet, or a socket_timeout to enforce: None, and call() does it instead."""
 
     async def main() -> None:
         pipe = pipe_for(url)
+        timed = pipe_for(url, socket_timeout=5)
         try:
-            assert not pipe.connected
-            reply = pipe.evalsha_now(sha, source, (), ())
-            assert not pipe.connected  # nothing could be written: it waits for the await
-            assert await reply == source[8:-1].encode()
+            assert pipe.send_now(("PING",)) is None
+            assert not pipe.connected  # nothing was attempted
+            assert await pipe.call("PING") == b"PONG"
+            assert await timed.call("PING") == b"PONG"
+            assert timed.send_now(("PING",)) is None
+            future = pipe.send_now(("PING",))
+            assert future is not None and await future == [b"PONG"]
         finally:
+            pipe.close()
+            timed.close()
+
+    asyncio.run(main())
+
+
+def test_the_replies_of_a_cancelled_send_now_go_to_its_orphan(url: str) -> None:
+    """A caller cancelled while it waits: the replies, when they come, go to ``orphan`` (a fetch
+    gives back what it leased), and the connection goes on with the next commands."""
+    key = unique("resp")
+
+    async def main() -> None:
+        pipe = pipe_for(url)
+        orphaned: list[list[Any]] = []
+        try:
+            await pipe.call("PING")
+            future = pipe.send_now(("INCR", key), orphan=orphaned.append)
+            assert future is not None
+            waiter = asyncio.ensure_future(future)
+            await asyncio.sleep(0)
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            assert future.cancelled()
+            assert await pipe.call("GET", key) == b"1"  # the reply of INCR came first
+            assert orphaned == [[1]]
+            failing = pipe.send_now(("INCR", key), orphan=lambda replies: 1 / 0)
+            assert failing is not None
+            failing.cancel()
+            assert await pipe.call("GET", key) == b"2"  # an orphan's error is logged, no more
+        finally:
+            await pipe.call("DEL", key)
             pipe.close()
 
     asyncio.run(main())
