@@ -406,7 +406,6 @@ class AMQPBroker(Broker):
         self._consuming: dict[str, str] = {}
         self._prefetch: int | None = self.settings.prefetch_count
         self.prefetch_fixed_by_first_fetch = self._prefetch is None
-        self.fetches_beyond_prefetch = False
         self._wants_delay = False
         self._wants_dead_letter = False
         #: Exchange types this transport declared: wire name → type.

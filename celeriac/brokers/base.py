@@ -114,11 +114,6 @@ class Broker(abc.ABC):
     #: ``basic.qos`` when no ``prefetch_count`` is given): a worker's first fetch then asks for
     #: the biggest budget it may need. False where every fetch takes what it asks for.
     prefetch_fixed_by_first_fetch: bool = False
-    #: Whether a fetch leases what it asks for, however much the worker already holds, so a
-    #: worker may fetch ahead of its prefetch while its tasks are short (celeriac.worker.slots).
-    #: False where the broker pushes deliveries within a prefetch fixed when consuming starts
-    #: (AMQP's ``basic.qos``): asking beyond it brings nothing.
-    fetches_beyond_prefetch: bool = True
     #: Whether a higher priority is served first (AMQP and celeriac's own transports). False on
     #: Redis, where kombu serves priority 0 first: a fleet mixing Celery and celeriac must agree.
     higher_priority_first: bool = True

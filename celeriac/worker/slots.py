@@ -44,9 +44,10 @@ time — the group may hold one more prefetch's worth: the next batch is fetched
 one runs. Those messages would all have started within a few milliseconds anyway. As soon as tasks
 take longer, or none has ended for that long (every slot busy with a long one), the count is
 Celery's again; what was fetched ahead then waits like any prefetched message, at most one
-prefetch more than Celery would hold. Off with ``worker_prefetch_ahead = False``, and on a
-transport whose broker pushes within a fixed prefetch (AMQP's ``basic.qos``), where asking beyond
-it would bring nothing.
+prefetch more than Celery would hold. Off with ``worker_prefetch_ahead = False``. On AMQP, whose
+broker pushes deliveries within the consumers' ``basic.qos``, fetching ahead takes more of what
+the broker has already pushed to this worker (when ``basic.qos`` is bigger than the budget, as
+after a first fetch of an app's async share), and never more than ``basic.qos``.
 
 **Pool size.** The threads pool gets a thread for every sync slot: ``-c`` for the default group
 plus each queue's own ``N`` (threads are started only when a sync task needs one, so a queue of
@@ -224,7 +225,7 @@ class QueueGroup:
         #: worker for a transport that fixes its consumers' prefetch by the first fetch.
         self.bigger_first = False
         #: Whether the group may fetch ahead while its tasks are short (see "Fetching ahead" in the
-        #: module docstring): set by the worker from ``worker_prefetch_ahead`` and its transport.
+        #: module docstring): set by the worker from ``worker_prefetch_ahead``.
         self.ahead = False
         #: Moving average of the run times of the group's tasks (None until one has ended), and
         #: when the last one ended (``time.monotonic()``).

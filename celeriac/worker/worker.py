@@ -239,10 +239,9 @@ class Worker:
             self._remove_signals(loop)
             return 0
         self.broker = broker
-        ahead = self.app.conf.worker_prefetch_ahead and broker.fetches_beyond_prefetch
         for group in self.slots.groups:
             group.bigger_first = broker.prefetch_fixed_by_first_fetch
-            group.ahead = ahead
+            group.ahead = self.app.conf.worker_prefetch_ahead
         if not await self._connect("result store", backend.url, backend.connect):
             await broker.close()
             await backend.close()

@@ -514,14 +514,21 @@ def test_a_worker_starting_on_a_backlog_of_sync_tasks_takes_what_celery_would(
 
 @pytest.mark.parametrize(
     ("kind", "ahead"),
-    [("memory", True), ("memory", False), ("sqlite", True), ("redis", True), ("amqp", True)],
+    [
+        ("memory", True),
+        ("memory", False),
+        ("sqlite", True),
+        ("redis", True),
+        ("amqp", True),
+        ("amqp", False),
+    ],
 )
 def test_a_backlog_of_short_tasks_is_fetched_one_batch_ahead(
     kind: str, ahead: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No-op tasks: the messages held and not finished go past Celery's ``-c`` x multiplier (8)
     while the backlog lasts, and never past twice that; with ``worker_prefetch_ahead = False``,
-    never past it. Not on AMQP, whose broker pushes within its ``basic.qos``."""
+    never past it."""
     held: list[int] = []
     fetched = QueueGroup.fetched
 
@@ -535,14 +542,16 @@ def test_a_backlog_of_short_tasks_is_fetched_one_batch_ahead(
     noop = app.tasks["noop"]
     queue = services.unique("ahead")
     try:
-        results = [noop.apply_async(queue=queue) for _ in range(400)]
+        # (On AMQP the first fetch takes the async share, 408, which sets basic.qos: more, then.)
+        count = 1_200 if kind == "amqp" else 400
+        results = [noop.apply_async(queue=queue) for _ in range(count)]
         with start_worker(app, queues=[queue], concurrency=2) as worker:
             [group] = worker.slots.groups
-            assert group.ahead is (ahead and kind != "amqp")
+            assert group.ahead is ahead
             for result in results:
                 result.get(timeout=20)
         if kind == "amqp":
-            return  # (its first fetch asks for the async share, which basic.qos then fixes)
+            held = held[1:]
         assert max(held) <= 16
         if group.ahead:
             assert max(held) > 8, held
