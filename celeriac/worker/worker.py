@@ -43,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celeriac import codecs, states
 from celeriac.app import chains
@@ -390,6 +390,8 @@ class Worker:
 
     async def _consume_group(self, group: QueueGroup) -> None:
         assert self.broker is not None
+        # Its create_task, not asyncio's: that looks the loop up for every message.
+        create_task = asyncio.get_running_loop().create_task
         backoff = 0.5
         lost = False
         while not self._stop.is_set():
@@ -427,7 +429,7 @@ class Worker:
             finally:  # (a shutdown during that fetch still hands these over)
                 for delivery in [*deliveries, *more]:
                     self._held[delivery.delivery_tag] = delivery
-                    handler = asyncio.create_task(self._handle(delivery, group))
+                    handler = create_task(self._handle(delivery, group))
                     self._waiting[delivery.delivery_tag] = handler
 
     def _runs_async(self, delivery: Delivery) -> bool:
@@ -487,9 +489,10 @@ class Worker:
                     return
                 if await self._discard_if_revoked(outcome):
                     return  # revoked while it waited for a slot
-                if self._waiting.pop(tag, None) is not None:
+                handler = self._waiting.pop(tag, None)  # this task (tags are unique)
+                if handler is not None:
                     group.waiting -= 1
-                self._running[tag] = asyncio.current_task()  # type: ignore[assignment]
+                self._running[tag] = handler or cast("asyncio.Task[None]", asyncio.current_task())
                 self._running_requests[tag] = outcome
                 try:
                     meta, ack = await self._execute(outcome, group)
