@@ -475,6 +475,17 @@ def test_a_queue_whose_slots_are_busy_does_not_hold_back_another(any_broker_app:
     assert ones_before <= 3
 
 
+def _forget_queue(kind: str, queue: str) -> None:
+    """Delete a test's queue from RabbitMQ (Redis keys and SQLite files go with their prefix and
+    directory)."""
+    if kind != "amqp":
+        return
+    import kombu
+
+    with kombu.Connection(services.amqp_url()) as connection:
+        connection.default_channel.queue_delete(queue)
+
+
 async def _waiting(app: Celery, queue: str) -> int:
     broker = app.create_broker()
     await broker.connect()
@@ -510,6 +521,7 @@ def test_a_worker_starting_on_a_backlog_of_sync_tasks_takes_what_celery_would(
     finally:
         release.set()
         app.close()
+        _forget_queue(kind, queue)
 
 
 @pytest.mark.parametrize(
@@ -559,3 +571,4 @@ def test_a_backlog_of_short_tasks_is_fetched_one_batch_ahead(
             assert max(held) <= 8, held
     finally:
         app.close()
+        _forget_queue(kind, queue)
