@@ -421,7 +421,28 @@ class RedisPipe:
         ``retries``: how many times to send them again on a fresh connection if the connection
         is lost — only for commands with the same effect however often they run.
         """
-        return await self._execute(pack(commands), len(commands), retries)
+        data = pack(commands)
+        attempt = 0
+        while True:
+            try:
+                protocol = await self._ready()
+                future = protocol.send(data, len(commands))
+                await protocol.drained()
+                if self._timeout is None:
+                    return await future
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        return await future
+                except TimeoutError:
+                    # The replies would arrive out of step with later commands: start afresh.
+                    reason = ConnectionLost(f"no reply within {self._timeout}s (socket_timeout)")
+                    protocol.abort(reason)
+                    raise reason from None
+            except ConnectionLost:
+                if attempt >= retries or self._closed:
+                    raise
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
 
     def send_now(
         self, command: Command, *, orphan: Orphan | None = None
@@ -447,37 +468,9 @@ class RedisPipe:
             return None
         return protocol.send(pack([command]), 1, orphan)
 
-    async def _execute(self, data: bytes, count: int, retries: int) -> list[Any]:
-        """:meth:`execute` of packed commands."""
-        attempt = 0
-        while True:
-            try:
-                protocol = await self._ready()
-                future = protocol.send(data, count)
-                await protocol.drained()
-                if self._timeout is None:
-                    return await future
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        return await future
-                except TimeoutError:
-                    # The replies would arrive out of step with later commands: start afresh.
-                    reason = ConnectionLost(f"no reply within {self._timeout}s (socket_timeout)")
-                    protocol.abort(reason)
-                    raise reason from None
-            except ConnectionLost:
-                if attempt >= retries or self._closed:
-                    raise
-                await asyncio.sleep(backoff(attempt))
-                attempt += 1
-
     async def call(self, *command: Arg, retries: int = 0) -> Any:
         """One command's reply; an error reply is raised as :class:`ReplyError`."""
-        return await self._call(pack([command]), retries)
-
-    async def _call(self, data: bytes, retries: int) -> Any:
-        """:meth:`call` of one packed command."""
-        (reply,) = await self._execute(data, 1, retries)
+        (reply,) = await self.execute([command], retries=retries)
         if isinstance(reply, ReplyError):
             raise reply
         return reply
@@ -490,11 +483,8 @@ class RedisPipe:
         ``NOSCRIPT`` means the script did not run at all, so sending it again is always safe.
         """
         command = ("EVALSHA", sha, len(keys), *keys, *args)
-        return await self._evalsha(command, pack([command]), source, retries)
-
-    async def _evalsha(self, command: Command, data: bytes, source: str, retries: int) -> Any:
         try:
-            return await self._call(data, retries)
+            return await self.call(*command, retries=retries)
         except ReplyError as exc:
             if exc.code != "NOSCRIPT":
                 raise
